@@ -59,6 +59,9 @@ class Capabilities:
     """init refuses to run without CAP_SYS_ADMIN (mounts or ioctls)."""
     mounts: bool = False
     """get() mounts a filesystem, so get/put counts matter across processes."""
+    counts_gets: bool = False
+    """get/put are counted on disk even without a mount, so remove of a gotten layer is Busy
+    (always true when ``mounts`` is)."""
     native_diff: bool = False
     """diff/changes/diff_size read only the layer's own changes (O(size of the change))."""
     copy_on_write: bool = False
@@ -86,7 +89,7 @@ class Driver(abc.ABC):
         self.options: dict[str, str] = dict(options or {})
 
     @classmethod
-    def check_support(cls, home: Path) -> None:  # noqa: B027 - optional hook
+    def check_support(cls, home: Path) -> None:
         """Raise :class:`NotSupported` (with the reason) if the driver cannot work for ``home``.
 
         Must not create anything. ``graphdriver drivers`` calls it for every known driver.
@@ -121,7 +124,7 @@ class Driver(abc.ABC):
         """Key/value diagnostics (``graphdriver status``)."""
         return []
 
-    def cleanup(self) -> None:  # noqa: B027 - optional hook
+    def cleanup(self) -> None:
         """Release everything this driver holds (unmount all its mounts)."""
 
     def parent_of(self, id: str) -> str | None:

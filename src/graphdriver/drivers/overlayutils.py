@@ -1,0 +1,264 @@
+"""Probes shared by the overlay-family drivers: backing filesystem, d_type, and whether the
+kernel's overlay lets a layer's upper dir be read as its diff.
+
+- :func:`backing_fs` names the filesystem under a path (``statfs`` magic, as moby's
+  ``graphdriver.FsNames``), looking at the nearest existing ancestor.
+- :func:`dtype_supported` reads directory entries with ``getdents64`` and tells whether the
+  filesystem fills in ``d_type``. Without it overlayfs mishandles whiteouts and directory
+  merging, so the overlay drivers refuse such a backing filesystem.
+  :func:`dtype_supported_existing` answers without creating anything, from entries that already
+  exist (``None`` when there are none to look at); :func:`probe_dtype` creates a probe file.
+- :func:`probe_overlay` does a real test mount with two lowers in a scratch dir and checks
+  what native diff relies on (moby's ``doesSupportNativeDiff``): an opaque directory's flag is
+  not copied up wrongly, and a renamed directory does not leave a ``redirect`` xattr; it also
+  reports ``redirect_dir`` and ``metacopy`` from the module parameters and the probe's mount
+  options.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from graphdriver.fs.remove import remove_tree
+from graphdriver.mount import MountInfo, mount_overlay, mounts, unmount
+
+__all__ = [
+    "OverlayProbe",
+    "backing_fs",
+    "dtype_supported",
+    "dtype_supported_existing",
+    "fs_magic",
+    "nearest_existing",
+    "overlay_in_kernel",
+    "overlay_module_param",
+    "probe_dtype",
+    "probe_overlay",
+]
+
+_SYS_GETDENTS64 = 217 if os.uname().machine == "x86_64" else 61
+DT_UNKNOWN = 0
+
+FS_NAMES = {
+    0xEF53: "extfs",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0x01021994: "tmpfs",
+    0x858458F6: "ramfs",
+    0x794C7630: "overlayfs",
+    0x2FC12FC1: "zfs",
+    0x6969: "nfs",
+    0xF2F52010: "f2fs",
+    0x65735546: "fuse",
+    0x61756673: "aufs",
+    0xF15F: "ecryptfs",
+    0x52654973: "reiserfs",
+    0x73717368: "squashfs",
+    0x3153464A: "jfs",
+    0xFF534D42: "cifs",
+    0xCA451A4E: "bcachefs",
+    0xE0F5E1E2: "erofs",
+}
+UNSUPPORTED_BACKING = {"overlayfs", "aufs", "ecryptfs", "nfs", "cifs", "squashfs", "erofs"}
+"""Filesystems an overlay upper dir cannot live on (or that would stack overlay on overlay)."""
+
+OVERLAY_PARAMS = Path("/sys/module/overlay/parameters")
+
+
+@dataclass(frozen=True)
+class OverlayProbe:
+    """What a test mount found out. ``native_diff_reason`` says why native diff is off."""
+
+    native_diff: bool
+    native_diff_reason: str
+    redirect_dir: str
+    metacopy: bool
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def fs_magic(path: Path) -> int:
+    """The ``f_type`` of ``statfs(path)``."""
+    buf = ctypes.create_string_buffer(256)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
+
+
+def backing_fs(path: Path) -> str:
+    """The name of the filesystem that holds ``path`` (or its nearest existing ancestor)."""
+    magic = fs_magic(nearest_existing(path))
+    return FS_NAMES.get(magic, f"unknown (0x{magic:x})")
+
+
+def _dirent_types(directory: Path) -> dict[str, int]:
+    """``{name: d_type}`` of a directory's entries (without ``.`` and ``..``), via getdents64."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    out: dict[str, int] = {}
+    try:
+        buf = ctypes.create_string_buffer(32768)
+        while True:
+            n = int(libc.syscall(ctypes.c_long(_SYS_GETDENTS64), fd, buf, ctypes.c_long(len(buf))))
+            if n < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), str(directory))
+            if n == 0:
+                return out
+            raw = buf.raw[:n]
+            pos = 0
+            while pos < n:
+                _ino, _off, reclen, dtype = struct.unpack_from("=QqHB", raw, pos)
+                name = raw[pos + 19 : pos + reclen].split(b"\0", 1)[0]
+                if name not in (b".", b".."):
+                    out[os.fsdecode(name)] = dtype
+                pos += reclen
+    finally:
+        os.close(fd)
+
+
+def dtype_supported(directory: Path) -> bool | None:
+    """Whether entries of ``directory`` carry a d_type; None if it has no entries to judge by."""
+    types = _dirent_types(directory)
+    if not types:
+        return None
+    return all(t != DT_UNKNOWN for t in types.values())
+
+
+def dtype_supported_existing(path: Path) -> bool | None:
+    """d_type support judged without writing: from the entries of ``path``'s nearest existing
+    ancestor, or of its parent on the same filesystem (which lists the ancestor itself)."""
+    base = nearest_existing(path)
+    if not base.is_dir():
+        return None
+    verdict = dtype_supported(base)
+    if verdict is not None:
+        return verdict
+    parent = base.parent
+    if parent != base and os.stat(parent).st_dev == os.stat(base).st_dev:
+        return dtype_supported(parent)
+    return None
+
+
+def probe_dtype(directory: Path) -> bool:
+    """Create a scratch file under ``directory`` and tell whether readdir reports its d_type."""
+    scratch = Path(tempfile.mkdtemp(prefix=".dtype-probe-", dir=directory))
+    try:
+        (scratch / "f").touch()
+        return dtype_supported(scratch) is True
+    finally:
+        (scratch / "f").unlink(missing_ok=True)
+        scratch.rmdir()
+
+
+def overlay_in_kernel() -> bool:
+    """Whether ``overlay`` is listed in /proc/filesystems (built in or module loaded)."""
+    try:
+        with open("/proc/filesystems", encoding="ascii") as f:
+            return any(line.split()[-1:] == ["overlay"] for line in f)
+    except OSError:
+        return False
+
+
+def overlay_module_param(name: str) -> str | None:
+    """A parameter of the overlay module (``Y``/``N``/value), or None if it does not exist."""
+    try:
+        return (OVERLAY_PARAMS / name).read_text().strip()
+    except OSError:
+        return None
+
+
+def _mount_of(path: Path) -> MountInfo | None:
+    target = os.path.realpath(path)
+    found = [m for m in mounts() if m.mount_point == target]
+    return found[-1] if found else None
+
+
+def _effective(info: MountInfo | None, option: str, param: str) -> str:
+    """A mount option's value: shown in mountinfo when it differs from the module default."""
+    if info is not None:
+        value = info.option(option)
+        if value is not None:
+            return value
+    return overlay_module_param(param) or ""
+
+
+def probe_overlay(scratch_parent: Path, options: Sequence[str] = ()) -> OverlayProbe:
+    """Test-mount overlay (two lowers, an upper) under ``scratch_parent`` with ``options``.
+
+    Raises :class:`~graphdriver.errors.MountError` if the kernel refuses the mount. Everything
+    created is removed again (the mount is detached first).
+    """
+    scratch = Path(tempfile.mkdtemp(prefix=".overlay-probe-", dir=scratch_parent))
+    merged = scratch / "merged"
+    try:
+        for d in ("l1/d", "l1/d1", "l2/d", "l3", "work", "merged"):
+            (scratch / d).mkdir(parents=True)
+        os.setxattr(scratch / "l2/d", "trusted.overlay.opaque", b"y")
+        mount_overlay(
+            merged,
+            lowers=[scratch / "l2", scratch / "l1"],
+            upper=scratch / "l3",
+            work=scratch / "work",
+            options=options,
+        )
+        try:
+            info = _mount_of(merged)
+            redirect = _effective(info, "redirect_dir", "redirect_dir")
+            redirect = {"Y": "on", "N": "off"}.get(redirect, redirect)
+            metacopy = _effective(info, "metacopy", "metacopy") in ("on", "Y")
+            (merged / "d" / "f").touch()
+            try:
+                opaque = os.getxattr(scratch / "l3/d", "trusted.overlay.opaque")
+            except OSError:
+                opaque = b""
+            if opaque == b"y":
+                return OverlayProbe(
+                    False,
+                    "the kernel copies up the opaque flag (overlay bug fixed in 4.8)",
+                    redirect,
+                    metacopy,
+                )
+            try:
+                os.rename(merged / "d1", merged / "d2")
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                renamed = False
+            else:
+                renamed = True
+            reasons = []
+            if renamed:
+                try:
+                    os.getxattr(scratch / "l3/d2", "trusted.overlay.redirect")
+                    has_redirect = True
+                except OSError:
+                    has_redirect = False
+                if has_redirect or redirect == "on":
+                    reasons.append(
+                        "the kernel uses redirect_dir: a renamed directory is a redirect xattr, "
+                        "which a tar of diff/ cannot express"
+                    )
+            if metacopy:
+                reasons.append("the kernel uses metacopy: a copied-up file's data may stay in a lower layer")
+            if reasons:
+                return OverlayProbe(False, "; ".join(reasons), redirect, metacopy)
+            return OverlayProbe(True, "diff/ read directly", redirect, metacopy)
+        finally:
+            unmount(merged, detach=True)
+    finally:
+        remove_tree(scratch)
