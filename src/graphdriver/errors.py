@@ -1,7 +1,10 @@
 """The error hierarchy of graphdriver.
 
 Every error the library raises on purpose derives from :class:`GraphDriverError`, so a caller can
-catch one class. The CLI maps each class to a one-line message and an exit code (``exit_code``).
+catch one class. The CLI maps each class to a one-line message and an exit code (``exit_code``):
+1 any other error, 2 usage (argparse), 3 NotFound, 4 AlreadyExists, 5 InvalidArgument,
+6 NotSupported, 7 Busy, 8 PermissionDenied, 9 MountError, 10 ArchiveError, 11 DigestMismatch,
+12 StoreCorrupt.
 
 ::
 
@@ -36,25 +39,25 @@ class GraphDriverError(Exception):
 class NotFound(GraphDriverError):
     """A layer, image or path that should exist does not."""
 
-    exit_code = 2
+    exit_code = 3
 
 
 class AlreadyExists(GraphDriverError):
     """An id or name is already taken."""
 
-    exit_code = 3
+    exit_code = 4
 
 
 class InvalidArgument(GraphDriverError):
     """A malformed id, option, reference or argument."""
 
-    exit_code = 4
+    exit_code = 5
 
 
 class NotSupported(GraphDriverError):
     """The driver cannot work here; ``reason`` says what is missing."""
 
-    exit_code = 5
+    exit_code = 6
 
     def __init__(self, reason: str, driver: str | None = None) -> None:
         self.reason = reason
@@ -73,25 +76,25 @@ class IncompatibleFilesystem(NotSupported):
 class Busy(GraphDriverError):
     """The object is in use: mounted, has children, or locked by another process."""
 
-    exit_code = 6
+    exit_code = 7
 
 
 class PermissionDenied(GraphDriverError):
     """The operation needs a privilege this process does not have."""
 
-    exit_code = 7
+    exit_code = 8
 
 
 class MountError(GraphDriverError):
     """The kernel refused a mount or an unmount."""
 
-    exit_code = 8
+    exit_code = 9
 
 
 class ArchiveError(GraphDriverError):
     """A layer archive could not be applied or produced."""
 
-    exit_code = 9
+    exit_code = 10
 
 
 class InvalidArchive(ArchiveError):
@@ -117,10 +120,10 @@ class LimitExceeded(ArchiveError):
 class DigestMismatch(GraphDriverError):
     """Content does not match its expected digest or size."""
 
-    exit_code = 10
+    exit_code = 11
 
 
 class StoreCorrupt(GraphDriverError):
     """The layer store's metadata is inconsistent with what is on disk."""
 
-    exit_code = 11
+    exit_code = 12

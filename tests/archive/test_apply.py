@@ -737,3 +737,16 @@ def test_trailing_bytes_after_the_end_marker_are_read_and_counted(root: Path) ->
     tar = TarBuilder().file("f", b"x").build() + bytes(10240 - 2048)  # tar(1) pads to 10 KiB records
     stats = apply(root, compress(tar, "gzip"))
     assert (stats.tar_bytes, stats.entries, stats.size) == (10240, 1, 1)
+
+
+def test_directory_entry_over_existing_directory_drops_unnamed_xattrs(tmp_path: Path) -> None:
+    """A directory entry carries the directory's whole metadata: an xattr it no longer names is gone."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "c").mkdir()
+    os.setxattr(root / "c", "user.k", b"v")
+    os.setxattr(root / "c", "user.keep", b"old")
+    layer = TarBuilder().dir("c", mode=0o755, xattrs={"user.keep": b"new"}).build()
+    apply_layer(root, io.BytesIO(layer))
+    assert sorted(os.listxattr(root / "c")) == ["user.keep"]
+    assert os.getxattr(root / "c", "user.keep") == b"new"

@@ -23,26 +23,72 @@ import pytest
 
 from graphdriver import __version__
 from graphdriver.drivers import known_drivers, probe_drivers
+from graphdriver.errors import (
+    AlreadyExists,
+    ArchiveError,
+    Busy,
+    InvalidArgument,
+    NotFound,
+    NotSupported,
+    PermissionDenied,
+)
+
+EXISTS = AlreadyExists.exit_code
+BAD_ARCHIVE = ArchiveError.exit_code
+BUSY = Busy.exit_code
+INVALID = InvalidArgument.exit_code
+MISSING = NotFound.exit_code
+UNSUPPORTED = NotSupported.exit_code
+DENIED = PermissionDenied.exit_code
 
 MTIME = 1_600_000_000
-COMMANDS = ["drivers", "status", "create", "remove", "mount", "unmount", "exists", "diff", "changes",
-            "apply-diff", "diff-size", "cleanup"]
+COMMANDS = [
+    "drivers",
+    "status",
+    "create",
+    "remove",
+    "mount",
+    "unmount",
+    "exists",
+    "diff",
+    "changes",
+    "apply-diff",
+    "diff-size",
+    "cleanup",
+]
 
 
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def gd(root: Path | None, *args: str, stdin: Any = None, input: bytes | None = None,
-       stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE,
-       env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+def gd(
+    root: Path | None,
+    *args: str,
+    stdin: Any = None,
+    input: bytes | None = None,
+    stdout: Any = subprocess.PIPE,
+    stderr: Any = subprocess.PIPE,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
     """Run ``python -m graphdriver [--root ROOT] ARGS`` and return the finished process."""
     argv = [sys.executable, "-m", "graphdriver"]
     if root is not None:
         argv += ["--root", str(root)]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GRAPHDRIVER_") or k.startswith(
-        "GRAPHDRIVER_TEST")}
-    return subprocess.run([*argv, *args], stdin=stdin, input=input, stdout=stdout, stderr=stderr,
-                          env={**base, **(env or {})}, check=False, timeout=120)
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("GRAPHDRIVER_") or k.startswith("GRAPHDRIVER_TEST")
+    }
+    return subprocess.run(
+        [*argv, *args],
+        stdin=stdin,
+        input=input,
+        stdout=stdout,
+        stderr=stderr,
+        env={**base, **(env or {})},
+        check=False,
+        timeout=120,
+    )
 
 
 def ok(root: Path, *args: str, **kw: Any) -> str:
@@ -97,14 +143,29 @@ def layers(tmp_path: Path) -> tuple[Path, Path]:
     """Two layers: a base, and one that modifies, deletes (whiteout) and replaces (opaque)."""
     src = tmp_path / "tars"
     src.mkdir()
-    l1 = make_tar(src / "layer1.tar", [
-        ("etc", None), ("etc/app.conf", "workers = 2\n"), ("etc/old.conf", "legacy\n"),
-        ("cache", None), ("cache/a", "a\n"), ("cache/b", "b\n"),
-    ])
-    l2 = make_tar(src / "layer2.tar", [
-        ("etc", None), ("etc/app.conf", APP_V2), ("etc/.wh.old.conf", ""),
-        ("cache", None), ("cache/.wh..wh..opq", ""), ("cache/new", NEW), ("VERSION", VERSION),
-    ])
+    l1 = make_tar(
+        src / "layer1.tar",
+        [
+            ("etc", None),
+            ("etc/app.conf", "workers = 2\n"),
+            ("etc/old.conf", "legacy\n"),
+            ("cache", None),
+            ("cache/a", "a\n"),
+            ("cache/b", "b\n"),
+        ],
+    )
+    l2 = make_tar(
+        src / "layer2.tar",
+        [
+            ("etc", None),
+            ("etc/app.conf", APP_V2),
+            ("etc/.wh.old.conf", ""),
+            ("cache", None),
+            ("cache/.wh..wh..opq", ""),
+            ("cache/new", NEW),
+            ("VERSION", VERSION),
+        ],
+    )
     return l1, l2
 
 
@@ -249,10 +310,24 @@ def test_layer_lifecycle(root: Path, driver: str, layers: tuple[Path, Path], tmp
     # the image layer's changes: the whiteouts and the opaque dir are applied
     lines = ok(root, *g, "changes", "--parent", "base", "app").splitlines()
     assert lines == sorted(lines, key=lambda line: line[2:])
-    assert {"C /etc/app.conf", "D /etc/old.conf", "D /cache/a", "D /cache/b", "A /cache/new",
-            "A /VERSION"} <= set(lines)
-    assert set(lines) <= {"C /etc/app.conf", "D /etc/old.conf", "D /cache/a", "D /cache/b", "A /cache/new",
-                          "A /VERSION", "C /etc", "C /cache"}
+    assert {
+        "C /etc/app.conf",
+        "D /etc/old.conf",
+        "D /cache/a",
+        "D /cache/b",
+        "A /cache/new",
+        "A /VERSION",
+    } <= set(lines)
+    assert set(lines) <= {
+        "C /etc/app.conf",
+        "D /etc/old.conf",
+        "D /cache/a",
+        "D /cache/b",
+        "A /cache/new",
+        "A /VERSION",
+        "C /etc",
+        "C /cache",
+    }
     whole = ok(root, *g, "changes", "--parent", "", "app").splitlines()
     assert "A /etc/app.conf" in whole and "A /cache/new" in whole and "A /etc/old.conf" not in whole
     assert all(line.startswith("A /") for line in whole)
@@ -277,7 +352,8 @@ def test_layer_lifecycle(root: Path, driver: str, layers: tuple[Path, Path], tmp
     p = ("--parent", "app")
     assert ok(root, *g, "changes", *p, "ctr").splitlines() == expected_sorted
     assert js(root, *g, "changes", *p, "ctr") == {
-        "id": "ctr", "parent": "app",
+        "id": "ctr",
+        "parent": "app",
         "changes": [{"kind": line[0], "path": line[2:]} for line in expected_sorted],
     }
     size = 5 + len("workers = 32\n")
@@ -288,7 +364,14 @@ def test_layer_lifecycle(root: Path, driver: str, layers: tuple[Path, Path], tmp
         assert ok(root, *g, "diff-size", "ctr") == f"{size}\n"
     else:
         for command in ("changes", "diff-size", "diff"):
-            fails(root, *g, command, "ctr", status=4, match=f"the {driver} driver does not record parents")
+            fails(
+                root,
+                *g,
+                command,
+                "ctr",
+                status=INVALID,
+                match=f"the {driver} driver does not record parents",
+            )
 
     proc = gd(root, *g, "diff", *p, "ctr")
     assert proc.returncode == 0 and proc.stderr == b""
@@ -298,8 +381,13 @@ def test_layer_lifecycle(root: Path, driver: str, layers: tuple[Path, Path], tmp
         assert tar.extractfile(members["data/x"]).read() == b"12345"  # type: ignore[union-attr]
     out = tmp_path / "ctr.tar.gz"
     data = js(root, *g, "diff", *p, "--compression", "gzip", "-o", str(out), "ctr")
-    assert data == {"id": "ctr", "parent": "app", "output": str(out), "compression": "gzip",
-                    "bytes": out.stat().st_size}
+    assert data == {
+        "id": "ctr",
+        "parent": "app",
+        "output": str(out),
+        "compression": "gzip",
+        "bytes": out.stat().st_size,
+    }
     with tarfile.open(out, "r:gz") as tar:
         assert sorted(tar.getnames()) == [".wh.VERSION", "data", "data/x", "etc", "etc/app.conf"]
     assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
@@ -315,8 +403,9 @@ def _umask() -> int:
     return mask
 
 
-def test_apply_diff_of_compressed_layers(root: Path, driver: str, layers: tuple[Path, Path],
-                                         tmp_path: Path) -> None:
+def test_apply_diff_of_compressed_layers(
+    root: Path, driver: str, layers: tuple[Path, Path], tmp_path: Path
+) -> None:
     import gzip
 
     l1, _ = layers
@@ -341,7 +430,7 @@ def test_mount_counts_persist_across_invocations(root: Path, driver: str) -> Non
 
     if driver_class(driver).capabilities.mounts:
         assert is_mounted(first), "one unmount of two must leave the layer mounted"
-        fails(root, *g, "remove", "ctr", status=6, match="ctr")
+        fails(root, *g, "remove", "ctr", status=BUSY, match="ctr")
         ok(root, *g, "unmount", "ctr")
         assert not is_mounted(first), "the last unmount must unmount"
     else:
@@ -359,14 +448,60 @@ def test_diff_to_file_is_atomic(root: Path, tmp_path: Path, layers: tuple[Path, 
     out.write_bytes(b"previous content")
     ok(root, "--driver", "vfs", "create", "base")
     ok(root, "--driver", "vfs", "apply-diff", "--parent", "", "base", str(layers[0]))
-    fails(root, "--driver", "vfs", "diff", "--parent", "", "-o", str(out), "nope", status=2, match="nope")
-    fails(root, "--driver", "vfs", "diff", "--parent", "nope", "-o", str(out), "base", status=2, match="nope")
+    fails(
+        root,
+        "--driver",
+        "vfs",
+        "diff",
+        "--parent",
+        "",
+        "-o",
+        str(out),
+        "nope",
+        status=MISSING,
+        match="nope",
+    )
+    fails(
+        root,
+        "--driver",
+        "vfs",
+        "diff",
+        "--parent",
+        "nope",
+        "-o",
+        str(out),
+        "base",
+        status=MISSING,
+        match="nope",
+    )
     assert out.read_bytes() == b"previous content"
     assert sorted(os.listdir(out_dir)) == ["layer.tar"], "no temp file may be left behind"
-    fails(root, "--driver", "vfs", "diff", "--parent", "", "-o", str(tmp_path / "no" / "such" / "dir.tar"),
-          "base", status=2, match="does not exist")
-    fails(root, "--driver", "vfs", "diff", "--parent", "", "-o", str(out_dir), "base", status=4,
-          match="is a directory")
+    fails(
+        root,
+        "--driver",
+        "vfs",
+        "diff",
+        "--parent",
+        "",
+        "-o",
+        str(tmp_path / "no" / "such" / "dir.tar"),
+        "base",
+        status=MISSING,
+        match="does not exist",
+    )
+    fails(
+        root,
+        "--driver",
+        "vfs",
+        "diff",
+        "--parent",
+        "",
+        "-o",
+        str(out_dir),
+        "base",
+        status=INVALID,
+        match="is a directory",
+    )
     ok(root, "--driver", "vfs", "diff", "--parent", "", "-o", str(out), "base")
     with tarfile.open(out) as tar:
         assert {"etc/app.conf", "etc/old.conf", "cache/a"} <= set(tar.getnames())
@@ -379,28 +514,69 @@ def test_diff_to_file_is_atomic(root: Path, tmp_path: Path, layers: tuple[Path, 
 def test_user_mistakes_are_one_line_errors(root: Path, tmp_path: Path) -> None:
     g = ("--driver", "vfs")
     ok(root, *g, "create", "base")
-    fails(root, *g, "create", "../escape", status=4, match="invalid layer id")
-    fails(root, *g, "create", "base", status=3, match="base")
-    fails(root, *g, "create", "--parent", "nope", "child", status=2, match="nope")
-    fails(root, *g, "mount", "nope", status=2, match="nope")
-    fails(root, *g, "remove", "nope", status=2, match="nope")
-    fails(root, *g, "changes", "--parent", "", "nope", status=2, match="nope")
-    fails(root, *g, "diff-size", "--parent", "", "nope", status=2, match="nope")
-    fails(root, *g, "apply-diff", "base", str(tmp_path / "missing.tar"), status=2,
-          match=f"{tmp_path / 'missing.tar'}: No such file or directory")
+    fails(root, *g, "create", "../escape", status=INVALID, match="invalid layer id")
+    fails(root, *g, "create", "base", status=EXISTS, match="base")
+    fails(root, *g, "create", "--parent", "nope", "child", status=MISSING, match="nope")
+    fails(root, *g, "mount", "nope", status=MISSING, match="nope")
+    fails(root, *g, "remove", "nope", status=MISSING, match="nope")
+    fails(root, *g, "changes", "--parent", "", "nope", status=MISSING, match="nope")
+    fails(root, *g, "diff-size", "--parent", "", "nope", status=MISSING, match="nope")
+    fails(
+        root,
+        *g,
+        "apply-diff",
+        "base",
+        str(tmp_path / "missing.tar"),
+        status=MISSING,
+        match=f"{tmp_path / 'missing.tar'}: No such file or directory",
+    )
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"this is not a tar archive\n" * 100)
     ok(root, *g, "create", "victim")
-    fails(root, *g, "apply-diff", "--parent", "", "victim", str(garbage), status=9, match="")
-    fails(root, *g, "apply-diff", "base", str(tmp_path), status=4, match="Is a directory")
-    fails(root, "--driver", "nosuch", "status", status=4, match="unknown driver 'nosuch'")
+    fails(
+        root,
+        *g,
+        "apply-diff",
+        "--parent",
+        "",
+        "victim",
+        str(garbage),
+        status=BAD_ARCHIVE,
+        match="",
+    )
+    fails(
+        root,
+        *g,
+        "apply-diff",
+        "base",
+        str(tmp_path),
+        status=INVALID,
+        match="Is a directory",
+    )
+    fails(
+        root,
+        "--driver",
+        "nosuch",
+        "status",
+        status=INVALID,
+        match="unknown driver 'nosuch'",
+    )
     fails(root, "--storage-opt", "novalue", "status", status=2, match="expected KEY=VALUE")
     fails(root, *g, "frobnicate", status=2, match="invalid choice: 'frobnicate'")
     fails(root, *g, "diff", "--compression", "xz", "base", status=2, match="invalid choice: 'xz'")
     fails(root, *g, "create", status=2, match="the following arguments are required: ID")
-    fails(root, "--root", "", "status", status=4, match="--root must not be empty")
-    fails(root, *g, "--json", "diff", "--parent", "", "base", status=4,
-          match="--json with diff needs -o FILE")
+    fails(root, "--root", "", "status", status=INVALID, match="--root must not be empty")
+    fails(
+        root,
+        *g,
+        "--json",
+        "diff",
+        "--parent",
+        "",
+        "base",
+        status=INVALID,
+        match="--json with diff needs -o FILE",
+    )
     # with --json, errors still go to stderr as one line, and stdout stays empty
     proc = gd(root, *g, "--json", "mount", "nope")
     assert proc.stdout == b"" and proc.stderr.decode().startswith("graphdriver: error: ")
@@ -410,7 +586,7 @@ def test_a_driver_that_cannot_work_here(root: Path) -> None:
     support = {p.name: p for p in probe_drivers(root)}
     if support["btrfs"].supported:
         pytest.skip("the test root is on btrfs")
-    fails(root, "--driver", "btrfs", "create", "x", status=5, match="btrfs")
+    fails(root, "--driver", "btrfs", "create", "x", status=UNSUPPORTED, match="btrfs")
 
 
 def test_read_only_root_is_a_permission_error(tmp_path: Path) -> None:
@@ -420,7 +596,7 @@ def test_read_only_root_is_a_permission_error(tmp_path: Path) -> None:
     ro.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
     try:
-        fails(ro, "--driver", "vfs", "create", "x", status=7, match=str(ro))
+        fails(ro, "--driver", "vfs", "create", "x", status=DENIED, match=str(ro))
     finally:
         subprocess.run(["umount", str(ro)], check=True)
 
@@ -430,12 +606,14 @@ def test_refuses_to_write_a_tar_to_a_terminal(root: Path) -> None:
     leader, follower = pty.openpty()
     try:
         proc = gd(root, "--driver", "vfs", "diff", "--parent", "", "base", stdout=follower)
-        assert proc.returncode == 4
+        assert proc.returncode == INVALID
         err = proc.stderr.decode()
-        assert err == ("graphdriver: error: refusing to write a tar archive to a terminal: "
-                       "use -o FILE or redirect stdout\n")
+        assert err == (
+            "graphdriver: error: refusing to write a tar archive to a terminal: "
+            "use -o FILE or redirect stdout\n"
+        )
         proc = gd(root, "--driver", "vfs", "apply-diff", "--parent", "", "base", stdin=follower)
-        assert proc.returncode == 4
+        assert proc.returncode == INVALID
         err = proc.stderr.decode()
         assert err.startswith("graphdriver: error: refusing to read a layer tar from a terminal"), err
     finally:

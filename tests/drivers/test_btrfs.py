@@ -72,25 +72,6 @@ class TestBtrfsConformance(DriverConformance):
         on_btrfs = Path(tempfile.mkdtemp(prefix="conformance-", dir=self.fs.path))
         return BtrfsDriver(on_btrfs / self.driver_name, dict(self.driver_options))
 
-    def test_remove_mounted(self, gd_driver: Driver) -> None:
-        """Stricter than the suite's case for drivers that do not mount: btrfs counts gets, so a
-        layer with a get outstanding is Busy, exactly like a mounted layer (no Capabilities field
-        says so yet; the suite lets non-mounting drivers remove a gotten layer)."""
-        d = gd_driver
-        self._small_base(d, "base")
-        d.create("layer", "base")
-        root = d.get("layer")
-        try:
-            with pytest.raises(Busy):
-                d.remove("layer")
-            assert d.exists("layer")
-            assert (root / "f").read_bytes() == b"parent\n"
-        finally:
-            d.put("layer")
-        d.remove("layer")
-        assert not d.exists("layer")
-        assert d.exists("base")
-
 
 def write_data(path: Path, nbytes: int) -> str:
     """Write ``nbytes`` of real data (non-zero, every MiB different, no holes); return its sha256."""

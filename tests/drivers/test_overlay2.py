@@ -230,6 +230,17 @@ def test_errors(driver: Overlay2Driver) -> None:
     assert not driver.exists("x")
 
 
+def test_get_of_a_layer_whose_ancestor_was_removed(driver: Overlay2Driver) -> None:
+    driver.create("base")
+    driver.create("c", "base")
+    driver.remove("base")  # the layer store refuses this; the driver only stores
+    if gm.new_mount_api_available()[0]:
+        with pytest.raises(NotFound, match=r"layer c is missing its lower l/[A-Z2-7]{26}"):
+            driver.get("c")
+    assert not gm.is_mountpoint(driver.home / "c" / "merged")
+    driver.remove("c")
+
+
 def test_cleanup_unmounts_everything_and_resets_counts(driver: Overlay2Driver) -> None:
     driver.create("base")
     driver.create("a", "base")
@@ -243,6 +254,29 @@ def test_cleanup_unmounts_everything_and_resets_counts(driver: Overlay2Driver) -
     assert gm.mounts_under(driver.home) == []
     for id in ("base", "a", "b"):
         driver.remove(id)
+
+
+def test_init_removes_what_dead_processes_left(tmp_path: Path) -> None:
+    home = tmp_path / "overlay2"
+    Overlay2Driver(home).cleanup()
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    gone, alive = proc.pid, os.getpid()
+    names = [
+        f".tmp-create-{gone}-x",
+        f".rm-{gone}-layer-1234",
+        f".overlay-probe-{gone}-y",
+        f".dtype-probe-{gone}-z",
+        f".tmp-create-{alive}-x",
+        f".rm-{alive}-layer-1234",
+    ]
+    for name in names:
+        (home / name / "sub").mkdir(parents=True)
+        (home / name / "sub" / "file").write_text("x")
+    Overlay2Driver(home).cleanup()
+    assert sorted(n for n in os.listdir(home) if n.startswith(".") and n != ".mounts") == sorted(
+        [f".rm-{alive}-layer-1234", f".tmp-create-{alive}-x"]
+    )
 
 
 # -- counts across processes (as the CLI uses them) ---------------------------------------------------
@@ -475,7 +509,7 @@ def test_check_support_refuses_non_root_and_overlay_backing(tmp_path: Path) -> N
     out = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "x")], capture_output=True, text=True, check=True
     )
-    assert out.stdout.strip() == "needs root (overlay mounts); use fuse-overlayfs"
+    assert out.stdout.strip() == "needs root; use fuse-overlayfs"
 
     d = Overlay2Driver(tmp_path / "overlay2")
     try:

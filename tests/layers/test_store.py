@@ -21,6 +21,7 @@ import pytest
 from graphdriver import mount as kmount
 from graphdriver.errors import AlreadyExists, Busy, DigestMismatch, InvalidArgument, NotFound
 from graphdriver.layers import LayerKind, chain_id, chain_ids
+from graphdriver.layers.metadata import SCHEMA_VERSION
 from graphdriver.layers.store import LayerStore
 from graphdriver.testing.tarbuild import TarBuilder
 from graphdriver.testing.trees import diff_snapshots, make_sample_tree, snapshot_tree
@@ -415,7 +416,7 @@ def test_layout_and_schema(store: LayerStore, store_root: Path, driver_name: str
     conn = sqlite3.connect(store_root / "layers.db")
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("SELECT value FROM meta WHERE key = 'driver'").fetchone()[0] == driver_name
     finally:
         conn.close()

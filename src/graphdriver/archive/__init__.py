@@ -32,9 +32,34 @@ _LAZY = {
     "open_export": "graphdriver.archive.export",
     "open_decompressed": "graphdriver.archive.compression",
     "open_compressed": "graphdriver.archive.compression",
+    "drain": "graphdriver.archive.compression",
+    "detect_compression": "graphdriver.archive.compression",
+    "Compression": "graphdriver.archive.compression",
+    "DigestReader": "graphdriver.archive.compression",
 }
 
-__all__ = ["Change", "ChangeKind", "Limits", "WhiteoutFormat", *sorted(_LAZY)]
+__all__ = [
+    "ApplyOptions",
+    "ApplyStats",
+    "Change",
+    "ChangeKind",
+    "Compression",
+    "DigestReader",
+    "Limits",
+    "WhiteoutFormat",
+    "apply_layer",
+    "changes_dirs",
+    "changes_from_upper",
+    "changes_size",
+    "detect_compression",
+    "drain",
+    "export_changes",
+    "open_compressed",
+    "open_decompressed",
+    "open_export",
+    "tar_tree",
+    "tree_size",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -24,9 +24,10 @@ target may come from a lower layer; a missing one is :class:`InvalidArchive`. Th
 header's own uid/gid/mode/times are ignored.
 
 Existing paths. A directory onto a directory merges (metadata re-applied; existing xattrs not named
-by the entry stay). Anything else is removed without following (a directory tree through fds) and
-replaced. A non-directory where a parent directory is needed is :class:`InvalidArchive`. Missing
-parents are created 0755, owned 0:0 when chown is on, whatever the umask.
+by the entry are removed, except overlay markers and SELinux labels). Anything else is removed
+without following (a directory tree through fds) and replaced. A non-directory where a parent
+directory is needed is :class:`InvalidArchive`. Missing parents are created 0755, owned 0:0 when
+chown is on, whatever the umask.
 
 Whiteouts (``WhiteoutFormat.OCI``). ``.wh.``, ``.wh..``, ``.wh...`` are :class:`InvalidArchive`.
 ``.wh.x`` removes the lower ``x`` (a symlink itself, never its target; a directory with its whole
@@ -55,6 +56,9 @@ the mtime). ``trusted.overlay.*`` and ``user.overlay.*`` xattrs from a layer are
 devices, and (when unprivileged) xattrs this process may not set are skipped (``xattrs_skipped``).
 Directory modes that would lock the owner out (e.g. 0555, 0000) and all directory times are applied
 after the last entry, each directory re-resolved in the root and only if it is still the same inode.
+Regular files are created ``O_CREAT|O_EXCL|O_NOFOLLOW`` with the entry's mode; one ``fstat`` after
+the data shows whether a chown or chmod is still needed (umask, default ACLs, grpid mounts), so the
+common file costs: openat2 (parent), fstat (parent), open, write, fstat, futimens, close, close.
 
 Devices. Numbers must fit Linux's dev_t (major < 4096, minor < 2**20): :class:`InvalidArchive`
 otherwise. ``ApplyOptions.devices``: ``create`` (default; :class:`PermissionDenied` naming the
@@ -122,6 +126,9 @@ _INVALID_ERRNOS = frozenset(
         errno.EXDEV,
     )
 )
+
+
+_KEEP_ON_MERGE = ("trusted.overlay.", "user.overlay.", "security.selinux")
 
 
 @dataclass(frozen=True)
@@ -488,16 +495,19 @@ class _Applier:
 
     def _directory(self, entry: TarEntry, pfd: int, base: str, parent: str) -> None:
         want = entry.mode | 0o700  # the owner keeps rwx until the end (see finish)
+        merged = False
         try:
             os.mkdir(base, want, dir_fd=pfd)
         except FileExistsError:
             st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                merged = True
+            else:
                 self._replace_existing(pfd, base)
                 os.mkdir(base, want, dir_fd=pfd)
         st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
         chown = self.chown and (st.st_uid != entry.uid or st.st_gid != entry.gid)
-        if chown or entry.xattrs or stat.S_IMODE(st.st_mode) != want:
+        if merged or chown or entry.xattrs or stat.S_IMODE(st.st_mode) != want:
             try:
                 fd = os.open(base, _O_DIR_READ, dir_fd=pfd)
             except PermissionError:
@@ -507,6 +517,8 @@ class _Applier:
             try:
                 if chown:
                     os.fchown(fd, entry.uid, entry.gid)
+                if merged:
+                    self._drop_unnamed_xattrs(entry, fd)
                 if entry.xattrs:
                     self._xattrs(entry, fd, None)
                 os.fchmod(fd, want)
@@ -516,6 +528,24 @@ class _Applier:
         dkey = (st.st_dev, st.st_ino)
         self.deferred.pop(dkey, None)
         self.deferred[dkey] = (f"{parent}/{base}" if parent else base, entry.mode, atime, mtime)
+
+    def _drop_unnamed_xattrs(self, entry: TarEntry, fd: int) -> None:
+        """A directory entry over an existing directory carries the directory's whole metadata:
+        xattrs it does not name are removed (overlay markers and SELinux labels excepted), so a
+        layer can record the removal of a directory's xattr (as umoci does)."""
+        try:
+            names = os.listxattr(fd)
+        except OSError:
+            return
+        for name in names:
+            if name in entry.xattrs or name.startswith(_KEEP_ON_MERGE):
+                continue
+            try:
+                os.removexattr(fd, name)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                    raise
+                self.stats.xattrs_skipped += 1
 
     def _symlink(self, entry: TarEntry, pfd: int, base: str) -> None:
         target = entry.linkname

@@ -48,6 +48,7 @@ from graphdriver.archive.changes import (
 from graphdriver.archive.tarwriter import TarKind, TarWriter
 from graphdriver.archive.types import Change, ChangeKind, WhiteoutFormat
 from graphdriver.errors import ArchiveError, GraphDriverError, InvalidArgument, PermissionDenied
+from graphdriver.fs.copy import open_as_owner
 
 __all__ = ["export_changes", "open_export", "tar_tree"]
 
@@ -190,16 +191,18 @@ class _Exporter:
         )
         return True
 
-    def _add_file(self, parent: int, name: str, tar_name: str) -> None:
+    def _add_file(self, parent: int, name: str, tar_name: str, lst: os.stat_result) -> None:
         try:
-            fd = os.open(name, self.open_flags, dir_fd=parent)
+            # a file its owner may not read (an image's 0000 /etc/shadow, exported unprivileged)
+            # is opened with its mode widened for the open only; anyone else's stays an error
+            fd, _ = open_as_owner(name, parent, lst, self.open_flags)
         except OSError as exc:
             if exc.errno in _GONE:
                 return
             if exc.errno == errno.EPERM and self.open_flags & _NOATIME:
                 # O_NOATIME needs ownership or CAP_FOWNER: go on without it
                 self.open_flags &= ~_NOATIME
-                self._add_file(parent, name, tar_name)
+                self._add_file(parent, name, tar_name, lst)
                 return
             raise
         try:
@@ -215,7 +218,7 @@ class _Exporter:
     def _add_entry(self, parent: int, name: str, tar_name: str, st: os.stat_result) -> None:
         fmt = stat.S_IFMT(st.st_mode)
         if fmt == stat.S_IFREG:
-            self._add_file(parent, name, tar_name)
+            self._add_file(parent, name, tar_name, st)
             return
         entry_path = self._entry_path(parent, name)
         if fmt == stat.S_IFDIR:

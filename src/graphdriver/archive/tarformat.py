@@ -21,7 +21,8 @@ Sparse files (GNU ``S`` members, PAX ``GNU.sparse.*``) are refused with :class:`
 layer.md says they SHOULD NOT be used, no layer writer produces them, and refusing avoids the 16 GiB
 apparent-size trick (security.md §4).
 
-Errors, all raised before the entry reaches the caller:
+Errors (a bad header is reported before its entry reaches the caller; data cut short when it is
+read or skipped):
 
 - :class:`CorruptStream`: a header checksum that does not match (any header, not only the first), data
   or a header cut short, a lone zero block followed by a header, an archive ending after a meta header.
@@ -32,6 +33,7 @@ Errors, all raised before the entry reaches the caller:
   size field, before reading it), an entry above ``max_entry_size``, more than ``max_entries``
   entries, a name above ``max_path_length``, more than ``max_decompressed_bytes`` read.
 
+Times before 1970 (negative base-256 or PAX mtimes) are valid; times beyond +-2**63 ns are not.
 The end of the archive is two zero blocks; a stream that ends cleanly at a block boundary without
 them is accepted (digests over the whole stream are the caller's check). Bytes after the end marker
 are left unread in the stream.

@@ -189,6 +189,7 @@ def _ustar(  # noqa: PLR0917 - the hot path: positional arguments are the cheape
 
 
 _MTIME_XHEADER = _ustar(_XNAME, b"x", 0o644, 0, 0, 30, 0, b"", b"", _ZERO_DEVS)
+_MTIME_PAD = _ZEROS[30:]
 
 
 def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
@@ -310,14 +311,16 @@ class TarWriter:
             and gid >= 0
         ):
             # the common case: at most the nanoseconds of mtime need a PAX record
-            if nsec:
-                if 1_000_000_000 <= sec < 10_000_000_000:  # 2001-2286: a 30-byte record
-                    self._put(_MTIME_XHEADER, b"30 mtime=%d.%09d\n" % (sec, nsec), _ZEROS[30:])
-                else:
-                    record = _pax_record(b"mtime", b"%d.%09d" % (sec, nsec))
-                    xheader = _XHEADERS.get(len(record)) or self._xheader(len(record))
-                    self._put(xheader, record, _ZEROS[: -len(record) % BLOCK])
-            self._put(_ustar(name, kind, mode & 0o7777, uid, gid, size, sec, linkname, b"", _ZERO_DEVS))
+            parts = self._parts
+            if nsec and 1_000_000_000 <= sec < 10_000_000_000:  # 2001-2286: a 30-byte record
+                parts.append(_MTIME_XHEADER)
+                parts.append(b"30 mtime=%d.%09d\n" % (sec, nsec))
+                parts.append(_MTIME_PAD)
+                self._pending += 2 * BLOCK
+            elif nsec:
+                self._pax_header([(b"mtime", _pax_mtime(mtime_ns))])
+            parts.append(_ustar(name, kind, mode & 0o7777, uid, gid, size, sec, linkname, b"", _ZERO_DEVS))
+            self._pending += BLOCK
             return
 
         pax: list[tuple[bytes, bytes]] = []
@@ -483,10 +486,19 @@ class TarWriter:
         )
         if size:
             assert data_fd is not None
-            self._copy_data(data_fd, size)
             pad = -size % BLOCK
+            if size <= _SMALL_FILE:
+                # the common case, inline: one read, kept as a piece of the next writev
+                chunk = os.pread(data_fd, size, 0)
+                self._parts.append(chunk)
+                self._pending += len(chunk)
+                if len(chunk) < size:
+                    self._put(bytes(size - len(chunk)))  # the file shrank under us
+            else:
+                self._copy_data(data_fd, size)
             if pad:
-                self._put(_ZEROS[:pad])
+                self._parts.append(_ZEROS[:pad])
+                self._pending += pad
         if self._pending >= _FLUSH_AT or len(self._parts) >= _MAX_PARTS:
             self._flush_buf()
 

@@ -112,29 +112,9 @@ def _parent(ctx: Context, layer_id: str, given: str | None) -> str | None:
 
 def _selection(ctx: Context, supported: dict[str, bool]) -> tuple[str | None, str]:
     """Which driver ``open_driver`` would pick for this root, and why (without opening it)."""
-    from graphdriver.drivers.registry import ENV_DRIVER, PRIORITY, known_drivers
+    from graphdriver.drivers.registry import selected_driver
 
-    if ctx.driver_name:
-        return ctx.driver_name, "chosen with --driver"
-    env = os.environ.get(ENV_DRIVER)
-    if env:
-        return env, f"chosen with ${ENV_DRIVER}"
-    prior = []
-    for name in known_drivers():
-        home = ctx.root / name
-        try:
-            if home.is_dir() and any(home.iterdir()):
-                prior.append(name)
-        except OSError:
-            continue
-    if len(prior) == 1:
-        return prior[0], f"its state already exists under {ctx.root}"
-    if len(prior) > 1:
-        return None, f"state of several drivers under {ctx.root} ({', '.join(prior)}): choose with --driver"
-    for name in PRIORITY:
-        if supported.get(name):
-            return name, "the first in priority order that works here"
-    return None, "no driver works here"
+    return selected_driver(ctx.root, ctx.driver_name, supported)
 
 
 def cmd_drivers(ctx: Context, args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from graphdriver.drivers.registry import (
     open_driver,
     probe_drivers,
     register,
+    selected_driver,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "open_driver",
     "probe_drivers",
     "register",
+    "selected_driver",
 ]

@@ -62,6 +62,9 @@ class Capabilities:
     counts_gets: bool = False
     """get/put are counted on disk even without a mount, so remove of a gotten layer is Busy
     (always true when ``mounts`` is)."""
+    writable_parents: bool = True
+    """a layer that has children can still be written, and its children do not see the writes
+    (false for overlay-family drivers, whose parents are their children's lower dirs)."""
     native_diff: bool = False
     """diff/changes/diff_size read only the layer's own changes (O(size of the change))."""
     copy_on_write: bool = False

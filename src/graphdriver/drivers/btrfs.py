@@ -324,7 +324,9 @@ class BtrfsDriver(Driver):
     """Layers as btrfs subvolumes and snapshots; see the module docstring for the layout."""
 
     name: ClassVar[str] = "btrfs"
-    capabilities = Capabilities(requires_root=True, mounts=False, native_diff=False, copy_on_write=True)
+    capabilities = Capabilities(
+        requires_root=True, mounts=False, counts_gets=True, native_diff=False, copy_on_write=True
+    )
 
     def __init__(self, home: Path | str, options: Mapping[str, str] | None = None) -> None:
         super().__init__(home, options)

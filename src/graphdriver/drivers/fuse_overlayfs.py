@@ -130,6 +130,7 @@ class FuseOverlayfsDriver(Overlay2Driver):
         mounts=True,
         native_diff=False,
         copy_on_write=True,
+        writable_parents=False,
         max_depth=OVERLAY_KERNEL_MAX_LOWERS,
     )
 

@@ -18,6 +18,8 @@ materialised tree. The driver therefore has two shapes of layer::
             merged/                  mount point of the overlay, 0700
             lower-id                 the id whose root/ is the single lowerdir (no newline)
             tmproot-<random>/        transient, only while apply_diff builds the new root/
+            parent                   (either shape) the id the layer was created on; not in the
+                                     seed, which kept no parents: for parent_of / ``graphdriver diff``
 
 ``create(id, parent)`` has the seed's two cases:
 
@@ -125,6 +127,7 @@ UPPER = "upper"
 WORK = "work"
 MERGED = "merged"
 LOWER_ID = "lower-id"
+PARENT = "parent"
 TMPROOT_PREFIX = "tmproot-"
 MOUNTS_DIR = ".mounts"
 
@@ -156,6 +159,7 @@ class OverlayDriver(Driver):
         mounts=True,
         native_diff=False,
         copy_on_write=True,
+        writable_parents=False,
         max_depth=None,
     )
 
@@ -245,6 +249,8 @@ class OverlayDriver(Driver):
                 raise AlreadyExists(f"overlay: layer already exists: {id}") from None
             try:
                 os.chmod(d, 0o700)
+                if parent is not None:
+                    (d / PARENT).write_text(parent)
                 if pdir is None:
                     os.mkdir(d / ROOT, 0o755)
                     os.chmod(d / ROOT, 0o755)
@@ -293,6 +299,14 @@ class OverlayDriver(Driver):
             os.write(fd, lower.encode())
         finally:
             os.close(fd)
+
+    def parent_of(self, id: str) -> str | None:
+        """The id ``id`` was created on (None for a layer without a parent)."""
+        d = self._existing(id)
+        try:
+            return (d / PARENT).read_text() or None
+        except FileNotFoundError:
+            return None
 
     def remove(self, id: str) -> None:
         from graphdriver.fs.remove import remove_tree

@@ -18,7 +18,8 @@ changes in ``diff/``; a layer's full view is an overlay mount of its ``diff/`` o
             merged/                      mount point; made on the first get, removed on the last put
             committed                    written when a child is created on this layer
         .tmp-create-<pid>-*/             a layer being created (renamed to <id> when complete)
-        .rm-*/                           a layer being removed (renamed away first)
+        .rm-<pid>-<id>-*/                a layer being removed (renamed away first)
+        .overlay-probe-<pid>-*/          init's test mount, .dtype-probe-<pid>-*/ its d_type probe
 
 get(id):
     - no parent: returns ``diff/`` itself, unmounted (the get is still counted, so ``remove``
@@ -106,6 +107,7 @@ _LINK_RE = re.compile(r"[A-Z2-7]{26}")
 _LINK_TARGET_RE = re.compile(r"\.\./([^/]+)/diff")
 _TMP_CREATE = ".tmp-create-"
 _TMP_REMOVE = ".rm-"
+_LEFTOVER_PREFIXES = (_TMP_CREATE, _TMP_REMOVE, overlayutils.PROBE_PREFIX, overlayutils.DTYPE_PROBE_PREFIX)
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 _OPTION_KEYS = ("mountopt", "native_diff", "mount_api")
@@ -166,6 +168,8 @@ class Overlay2Driver(Driver):
     capabilities = Capabilities(
         requires_root=True,
         mounts=True,
+        counts_gets=True,
+        writable_parents=False,
         native_diff=True,
         copy_on_write=True,
         max_depth=OVERLAY_KERNEL_MAX_LOWERS,
@@ -256,7 +260,7 @@ class Overlay2Driver(Driver):
         confirms it with a probe file and a real test mount.
         """
         if os.geteuid() != 0:
-            raise PrerequisitesNotMet("needs root (overlay mounts); use fuse-overlayfs", cls.name)
+            raise PrerequisitesNotMet("needs root; use fuse-overlayfs", cls.name)
         if not overlayutils.overlay_in_kernel():
             raise NotSupported("the kernel has no overlay filesystem (try: modprobe overlay)", cls.name)
         base = overlayutils.nearest_existing(Path(home))
@@ -273,20 +277,19 @@ class Overlay2Driver(Driver):
         return [*overlay_options(mount_label=label), *self._mountopt]
 
     def _remove_leftovers(self) -> None:
-        """Remove what a crash left: half-created layers of dead processes, half-removed layers."""
+        """Remove what a crashed process left: half-created or half-removed layers and probe
+        dirs, each named with its process id and removed only once that process is gone (a
+        live process, or one in another pid namespace, may still be using it)."""
         for entry in os.scandir(self.home):
-            if entry.name.startswith(_TMP_REMOVE):
-                try:
-                    remove_tree(entry.path)
-                except (Busy, OSError):
-                    continue
-            elif entry.name.startswith(_TMP_CREATE):
-                pid = entry.name[len(_TMP_CREATE) :].split("-", 1)[0]
-                if pid.isdigit() and not _pid_alive(int(pid)):
-                    try:
-                        remove_tree(entry.path)
-                    except (Busy, OSError):
-                        continue
+            for prefix in _LEFTOVER_PREFIXES:
+                if entry.name.startswith(prefix):
+                    pid = entry.name[len(prefix) :].split("-", 1)[0]
+                    if pid.isdigit() and not _pid_alive(int(pid)):
+                        try:
+                            remove_tree(entry.path)
+                        except (Busy, OSError):
+                            pass
+                    break
 
     # -- paths and records ----------------------------------------------------------------------
 
@@ -326,7 +329,12 @@ class Overlay2Driver(Driver):
         home = str(self.home)
         out = []
         for lower in self._lowers(d):
-            target = os.readlink(f"{home}/{lower}")
+            try:
+                target = os.readlink(f"{home}/{lower}")
+            except FileNotFoundError:
+                raise NotFound(
+                    f"overlay2: layer {d.name} is missing its lower {lower} (an ancestor was removed)"
+                ) from None
             m = _LINK_TARGET_RE.fullmatch(target)
             if m is None:
                 raise NotFound(f"overlay2: link {lower} points to {target!r}, not ../<id>/diff")
@@ -405,8 +413,8 @@ class Overlay2Driver(Driver):
             if is_mountpoint(merged):
                 unmount(merged, detach=True)
             link = self._read(d / "link")
-            doomed = Path(tempfile.mkdtemp(prefix=_TMP_REMOVE, dir=self.home))
-            os.rename(d, doomed / "layer")
+            doomed = self.home / f"{_TMP_REMOVE}{os.getpid()}-{id}-{os.urandom(4).hex()}"
+            _rename_noreplace(d, doomed)
             if link and _LINK_RE.fullmatch(link):
                 (self.home / LINK_DIR / link).unlink(missing_ok=True)
             remove_tree(doomed)

@@ -30,6 +30,8 @@ from graphdriver.fs.remove import remove_tree
 from graphdriver.mount import MountInfo, mount_overlay, mounts, unmount
 
 __all__ = [
+    "DTYPE_PROBE_PREFIX",
+    "PROBE_PREFIX",
     "OverlayProbe",
     "backing_fs",
     "dtype_supported",
@@ -69,6 +71,10 @@ UNSUPPORTED_BACKING = {"overlayfs", "aufs", "ecryptfs", "nfs", "cifs", "squashfs
 """Filesystems an overlay upper dir cannot live on (or that would stack overlay on overlay)."""
 
 OVERLAY_PARAMS = Path("/sys/module/overlay/parameters")
+PROBE_PREFIX = ".overlay-probe-"
+"""Scratch dirs of :func:`probe_overlay` are named ``<PROBE_PREFIX><pid>-<random>``."""
+DTYPE_PROBE_PREFIX = ".dtype-probe-"
+"""Scratch dirs of :func:`probe_dtype` are named ``<DTYPE_PROBE_PREFIX><pid>-<random>``."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ def dtype_supported_existing(path: Path) -> bool | None:
 
 def probe_dtype(directory: Path) -> bool:
     """Create a scratch file under ``directory`` and tell whether readdir reports its d_type."""
-    scratch = Path(tempfile.mkdtemp(prefix=".dtype-probe-", dir=directory))
+    scratch = Path(tempfile.mkdtemp(prefix=f"{DTYPE_PROBE_PREFIX}{os.getpid()}-", dir=directory))
     try:
         (scratch / "f").touch()
         return dtype_supported(scratch) is True
@@ -203,7 +209,7 @@ def probe_overlay(scratch_parent: Path, options: Sequence[str] = ()) -> OverlayP
     Raises :class:`~graphdriver.errors.MountError` if the kernel refuses the mount. Everything
     created is removed again (the mount is detached first).
     """
-    scratch = Path(tempfile.mkdtemp(prefix=".overlay-probe-", dir=scratch_parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f"{PROBE_PREFIX}{os.getpid()}-", dir=scratch_parent))
     merged = scratch / "merged"
     try:
         for d in ("l1/d", "l1/d1", "l2/d", "l3", "work", "merged"):

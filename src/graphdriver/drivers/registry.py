@@ -69,7 +69,8 @@ def known_drivers() -> list[str]:
 
 def driver_class(name: str) -> type[Driver]:
     """Import and return the class registered as ``name``."""
-    _load_entry_points()
+    if name not in _REGISTRY:
+        _load_entry_points()  # only for names we do not know: it costs ~30 ms of start-up
     target = _REGISTRY.get(name)
     if target is None:
         raise InvalidArgument(f"unknown driver {name!r}; known: {', '.join(known_drivers())}")
@@ -94,8 +95,10 @@ def default_root() -> Path:
 
 
 def _prior_drivers(root: Path) -> list[str]:
+    """Drivers whose home under ``root`` holds state (registered names only: an out-of-tree
+    driver's state is recognised once its entry point has been loaded, e.g. by ``drivers``)."""
     found = []
-    for name in known_drivers():
+    for name in [*PRIORITY, *(n for n in _REGISTRY if n not in PRIORITY)]:
         home = root / name
         try:
             if home.is_dir() and any(home.iterdir()):
@@ -103,6 +106,31 @@ def _prior_drivers(root: Path) -> list[str]:
         except OSError:
             continue
     return found
+
+
+def selected_driver(
+    root: Path | str, name: str | None = None, supported: Mapping[str, bool] | None = None
+) -> tuple[str | None, str]:
+    """Which driver :func:`open_driver` would pick for ``root``, and why, without opening any.
+
+    ``supported`` maps driver names to whether they work here (from :func:`probe_drivers`); when
+    omitted, the first driver of the priority list is named without checking it.
+    """
+    root = Path(root)
+    if name:
+        return name, "chosen with --driver"
+    env = os.environ.get(ENV_DRIVER)
+    if env:
+        return env, f"chosen with ${ENV_DRIVER}"
+    prior = _prior_drivers(root)
+    if len(prior) == 1:
+        return prior[0], f"its state already exists under {root}"
+    if len(prior) > 1:
+        return None, f"state of several drivers under {root} ({', '.join(prior)}): choose with --driver"
+    for candidate in PRIORITY:
+        if supported is None or supported.get(candidate):
+            return candidate, "the first in priority order that works here"
+    return None, "no driver works here"
 
 
 def open_driver(

@@ -3,12 +3,14 @@
 On-disk layout (``<home>`` is ``<root>/vfs``)::
 
     <home>/                        0700: no other user may reach into a layer (CVE-2021-41091)
-    `-- dir/                       0700
-        |-- <id>/                  the layer's whole tree; this directory's own owner, mode,
-        |                          xattrs and times are the layer's "/"
-        |-- .tmp-<id>-<random>/    a layer being created (flock'ed while it is built); renamed
-        |                          to <id> when complete, so a half-built layer is never visible
-        `-- .rm-<id>-<random>/     a layer being removed: renamed away first, then deleted
+    |-- dir/                       0700
+    |   |-- <id>/                  the layer's whole tree; this directory's own owner, mode,
+    |   |                          xattrs and times are the layer's "/"
+    |   |-- .tmp-<id>-<random>/    a layer being created (flock'ed while it is built); renamed
+    |   |                          to <id> when complete, so a half-built layer is never visible
+    |   `-- .rm-<id>-<random>/     a layer being removed: renamed away first, then deleted
+    `-- parents/<id>               the parent's id (no file: no parent), written before the
+                                   layer is renamed into place, removed after it is gone
 
 ``create(id, parent)`` copies the parent's tree with :func:`~graphdriver.fs.copy.copy_tree`
 (reflinks where the filesystem has them, so data is shared until written) into a ``.tmp-``
@@ -19,7 +21,9 @@ directory and renames it into place without replacing anything (``renameat2`` wi
 the layer store's job, done once per layer it commits.
 
 ``get`` returns ``dir/<id>`` and ``put`` does nothing: there is nothing to mount and nothing to
-count. The diff methods are the naive ones of :class:`~graphdriver.drivers.base.Driver`.
+count (removing a layer that is in use is the caller's to prevent; the layer store does). The
+diff methods are the naive ones of :class:`~graphdriver.drivers.base.Driver`. A parent record
+left by a crash is harmless: create rewrites (or removes) it before a layer of that id appears.
 
 Without root the driver still works, but it cannot keep owners (copies belong to the caller) and
 cannot copy a device node: creating a child of a layer that holds one raises
@@ -46,6 +50,7 @@ from graphdriver.ids import validate_id, validate_parent
 __all__ = ["VfsDriver", "filesystem_type"]
 
 LAYERS_DIR = "dir"
+PARENTS_DIR = "parents"
 TMP_PREFIX = ".tmp-"
 RM_PREFIX = ".rm-"
 
@@ -119,6 +124,7 @@ class VfsDriver(Driver):
             if stat.S_IMODE(os.stat(self.home).st_mode) != 0o700:
                 os.chmod(self.home, 0o700)
         self.layers_dir = self.home / LAYERS_DIR
+        self.parents_dir = self.home / PARENTS_DIR
         self.capabilities = Capabilities(
             requires_root=False,
             mounts=False,
@@ -167,6 +173,7 @@ class VfsDriver(Driver):
                 os.chmod(tmp, 0o755)
             else:
                 copy_tree(parent_path, tmp)
+            self._record_parent(id, parent)
             try:
                 _rename_noreplace(tmp, path)
             except FileExistsError:
@@ -180,6 +187,24 @@ class VfsDriver(Driver):
                 os.close(lock_fd)
             raise
         os.close(lock_fd)
+
+    def _record_parent(self, id: str, parent: str | None) -> None:
+        self.parents_dir.mkdir(mode=0o700, exist_ok=True)
+        record = self.parents_dir / id
+        if parent is None:
+            record.unlink(missing_ok=True)
+            return
+        tmp = self.parents_dir / f"{TMP_PREFIX}{id}-{secrets.token_hex(6)}"
+        tmp.write_text(parent)
+        os.replace(tmp, record)
+
+    def parent_of(self, id: str) -> str | None:
+        """The parent ``id`` was created on (None for a base layer)."""
+        self._require(id)
+        try:
+            return (self.parents_dir / id).read_text() or None
+        except FileNotFoundError:
+            return None
 
     def _new_tmp(self, id: str) -> tuple[Path, int]:
         """A fresh ``.tmp-<id>-<random>`` directory, locked so that cleanup() leaves it alone."""
@@ -206,6 +231,7 @@ class VfsDriver(Driver):
             os.rename(path, trash)
         except FileNotFoundError:
             raise NotFound(f"vfs: no layer {id}") from None
+        (self.parents_dir / id).unlink(missing_ok=True)
         remove_tree(trash)
 
     def get(self, id: str, mount_label: str = "") -> Path:

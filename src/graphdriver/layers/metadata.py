@@ -7,7 +7,7 @@ busy timeout; ``PRAGMA user_version`` is the schema version. Writers go through
 readers through :meth:`MetadataDB.read`; both hand out an explicit :class:`Txn` and every data
 function is a method of it, so no query runs outside a transaction.
 
-Schema (version 1)::
+Schema (version 1, the layers; version 2 adds the images tables)::
 
     layers(id PK, parent -> layers.id, kind image|container, state incomplete|complete|removing,
            chain_id, diff_id, compressed_digest, compressed_size, uncompressed_size,
@@ -16,6 +16,16 @@ Schema (version 1)::
       unique (chain_id) among complete layers
     names(name PK, layer_id -> layers.id ON DELETE CASCADE)
     meta(key PK, value)          "driver": the driver the store was created with
+
+    -- version 2: images on top of the layers (graphdriver.images.records)
+    images(id PK = config digest, top_layer -> layers.id, config BLOB, created_ns)
+    image_names(name PK, image_id -> images.id ON DELETE CASCADE)
+    image_manifests(digest PK, image_id -> images.id ON DELETE CASCADE, media_type, body BLOB,
+                    created_ns)
+    containers(name PK, layer_id UNIQUE -> layers.id, image_id -> images.id, created_ns)
+    leases(lease, target)        a running operation's claim on layers it is about to use: a
+                                 chain ID or a layer id; alive while locks/lease-<lease>.lock
+                                 is held (graphdriver.layers.store.LayerStore.lease_alive)
 
 A mount count is believed only while the kernel agrees: ``mount_kind`` says whether the driver
 mounted something at ``mount_point`` (checked against the mount table) or handed out a plain
@@ -26,7 +36,8 @@ that recovery settles (it releases the driver's get) instead of a count nobody c
 
 The invariants live here, once: a parent must be complete to get a child, a name belongs to one
 layer, a chain ID to one complete layer (:class:`~graphdriver.errors.AlreadyExists` otherwise),
-and a layer with children cannot be deleted (the foreign key refuses it).
+and a layer with children cannot be deleted (the foreign key refuses it). A layer an image, a
+container or a live lease uses cannot be removed either (:meth:`Txn.layer_users`).
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ from graphdriver.errors import AlreadyExists, Busy, InvalidArgument, NotFound, N
 
 __all__ = ["SCHEMA_VERSION", "Layer", "LayerKind", "LayerState", "MetadataDB", "Txn", "validate_name"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA_V1 = """
@@ -82,7 +93,43 @@ CREATE TABLE meta (
 );
 """
 
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+_SCHEMA_V2 = """
+CREATE TABLE images (
+    id         TEXT PRIMARY KEY NOT NULL,
+    top_layer  TEXT REFERENCES layers(id),
+    config     BLOB NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE INDEX images_top_layer ON images(top_layer);
+CREATE TABLE image_names (
+    name     TEXT PRIMARY KEY NOT NULL,
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE
+);
+CREATE INDEX image_names_image ON image_names(image_id);
+CREATE TABLE image_manifests (
+    digest     TEXT PRIMARY KEY NOT NULL,
+    image_id   TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    media_type TEXT NOT NULL,
+    body       BLOB NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE INDEX image_manifests_image ON image_manifests(image_id);
+CREATE TABLE containers (
+    name       TEXT PRIMARY KEY NOT NULL,
+    layer_id   TEXT NOT NULL UNIQUE REFERENCES layers(id),
+    image_id   TEXT NOT NULL REFERENCES images(id),
+    created_ns INTEGER NOT NULL
+);
+CREATE INDEX containers_image ON containers(image_id);
+CREATE TABLE leases (
+    lease  TEXT NOT NULL,
+    target TEXT NOT NULL,
+    PRIMARY KEY (lease, target)
+);
+CREATE INDEX leases_target ON leases(target);
+"""
+
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 """Script that takes the schema from version n-1 to n."""
 
 
@@ -257,6 +304,31 @@ class Txn:
     def name_owner(self, name: str) -> str | None:
         row = self.conn.execute("SELECT layer_id FROM names WHERE name = ?", (name,)).fetchone()
         return None if row is None else str(row[0])
+
+    def layer_users(self, layer: Layer) -> tuple[list[str], list[str]]:
+        """Who uses ``layer`` directly: descriptions of the images and containers that refer to
+        it, and the ids of the leases that claim it (by its id or its chain ID; whether they
+        are alive is the store's question)."""
+        users = [
+            f"image {r[0]}"
+            for r in self.conn.execute("SELECT id FROM images WHERE top_layer = ? ORDER BY id", (layer.id,))
+        ]
+        users += [
+            f"container {r[0]!r}"
+            for r in self.conn.execute(
+                "SELECT name FROM containers WHERE layer_id = ? ORDER BY name", (layer.id,)
+            )
+        ]
+        targets = [layer.id] if layer.chain_id is None else [layer.id, layer.chain_id]
+        leases = [
+            str(r[0])
+            for r in self.conn.execute(
+                f"SELECT DISTINCT lease FROM leases WHERE target IN ({','.join('?' * len(targets))})"
+                " ORDER BY lease",
+                targets,
+            )
+        ]
+        return users, leases
 
     # -- writing ----------------------------------------------------------------------------------
 

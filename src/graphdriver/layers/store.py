@@ -619,7 +619,8 @@ class LayerStore:
     # -- removal ----------------------------------------------------------------------------------
 
     def remove(self, id_or_name: str) -> None:
-        """Remove a layer. Busy while it is mounted or has child layers.
+        """Remove a layer. Busy while it is mounted, has child layers, or an image, a container or
+        a running operation's lease uses it.
 
         Crash-safe: the layer is marked ``removing`` first; a crash after that leaves it to the
         next open's recovery, and it is never listed again.
@@ -650,6 +651,10 @@ class LayerStore:
                         raise Busy(f"layer {cur.id} has {len(kids)} child layer(s)")
                     if cur.mount_count > 0 and self.mount_alive(cur):
                         raise Busy(f"layer {cur.id} is mounted ({cur.mount_count} mount(s))")
+                    users, leases = txn.layer_users(cur)
+                    users += [f"a running operation (lease {x})" for x in leases if self.lease_alive(x)]
+                    if users:
+                        raise Busy(f"layer {cur.id} is used by {', '.join(users)}")
                     if cur.mount_count > 0:
                         txn.set_mount(cur.id, 0)
                 # incomplete or removing with our lock held: its builder or remover died
@@ -676,6 +681,24 @@ class LayerStore:
             if txn.get(layer_id) is not None:
                 txn.delete(layer_id)
         faults.fault("remove.after-delete")
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    def lease_lock(self, lease_id: str) -> FileLock:
+        """The lock that keeps lease ``lease_id`` alive while its operation runs
+        (``locks/lease-<id>.lock``; see :mod:`graphdriver.layers.metadata`, table ``leases``)."""
+        return FileLock(self.locks.path / f"lease-{validate_id(lease_id)}.lock")
+
+    def lease_alive(self, lease_id: str) -> bool:
+        """Whether the operation that took lease ``lease_id`` is still running (holds its lock).
+        Never waits: safe under the store lock."""
+        lock = self.lease_lock(lease_id)
+        if not lock.path.exists():
+            return False
+        if lock.try_acquire():
+            lock.release()
+            return False
+        return True
 
     # -- mounting ---------------------------------------------------------------------------------
 

@@ -85,14 +85,18 @@ def _fast_base() -> str | None:
 
 
 @pytest.fixture
-def gd_root(tmp_path: Path) -> Path:
-    """An empty graph root for one test (module docstring: where)."""
+def gd_root(tmp_path: Path) -> Iterator[Path]:
+    """An empty graph root for one test (module docstring: where), removed after it."""
     base = os.environ.get(ENV_TEST_ROOT) or _fast_base()
     if base is None:
         root = tmp_path / "graph"
         root.mkdir()
-        return root
-    return Path(tempfile.mkdtemp(prefix="gd-graph-", dir=base))
+        yield root  # pytest's tmp_path retention applies
+        return
+    root = Path(tempfile.mkdtemp(prefix="gd-graph-", dir=base))
+    yield root
+    if not mount_points_under(root):  # else gd_open has failed the test and detached them
+        remove_tree(root)
 
 
 def _detach(points: list[str]) -> None:
