@@ -362,6 +362,11 @@ def overlay_max_lowers() -> int:
     return OVERLAY_KERNEL_MAX_LOWERS if _probe_new_api()[0] else OVERLAY_CLASSIC_MAX_LOWERS
 
 
+def selinux_enabled() -> bool:
+    """Whether SELinux is active (its filesystem is mounted), so mount labels mean something."""
+    return os.path.exists("/sys/fs/selinux/enforce")
+
+
 def overlay_options(*, userxattr: bool = False, mount_label: str = "") -> list[str]:
     """The option prefix overlay2 uses: ``index=off`` when the module has an ``index`` parameter,
     ``userxattr`` when asked, and the SELinux ``context="..."`` for a mount label."""
@@ -373,7 +378,8 @@ def overlay_options(*, userxattr: bool = False, mount_label: str = "") -> list[s
     if mount_label:
         if '"' in mount_label or "," in mount_label:
             raise InvalidArgument(f"invalid mount label {mount_label!r}")
-        opts.append(f'context="{mount_label}"')
+        if selinux_enabled():  # as the seed's label helper: overlay refuses context= without SELinux
+            opts.append(f'context="{mount_label}"')
     return opts
 
 

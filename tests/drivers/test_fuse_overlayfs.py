@@ -226,11 +226,6 @@ SELECTION_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="overlay2 init in a user namespace raises PermissionError (trusted.overlay xattr in its "
-    "probe) instead of NotSupported, so selection stops there; fix in overlay2",
-)
 def test_selection_in_a_user_namespace_picks_fuse_overlayfs(tmp_path: Path) -> None:
     out = run_python(SELECTION_SCRIPT, str(tmp_path), userns=True)
     kernel_overlay, chosen = out.strip().splitlines()[-2:]

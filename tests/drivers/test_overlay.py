@@ -111,7 +111,7 @@ def test_layout_root_layer_and_overlay_layer(driver: OverlayDriver) -> None:
 
     driver.create("child", "base")
     child = driver.home / "child"
-    assert sorted(os.listdir(child)) == ["lower-id", "merged", "upper", "work"]
+    assert sorted(os.listdir(child)) == ["lower-id", "merged", "parent", "upper", "work"]
     assert (child / "lower-id").read_bytes() == b"base"
     assert os.listdir(child / "upper") == []
     up = os.lstat(child / "upper")
@@ -165,7 +165,7 @@ def test_init_layer_pattern_whiteouts_and_opaque_survive(driver: OverlayDriver) 
     driver.create("c1", "c1-init")
     c1 = driver.home / "c1"
     assert (c1 / "lower-id").read_bytes() == b"image"
-    assert sorted(os.listdir(c1)) == ["lower-id", "merged", "upper", "work"]
+    assert sorted(os.listdir(c1)) == ["lower-id", "merged", "parent", "upper", "work"]
     upper = c1 / "upper"
     assert is_whiteout(upper / "motd")
     assert os.getxattr(upper / "opt" / "app", "trusted.overlay.opaque") == b"y"
@@ -214,7 +214,7 @@ def test_apply_diff_converts_to_hardlinked_root(driver: OverlayDriver) -> None:
         "l2", "l1", layer_tar(("f", "motd", "changed!\n"), ("f", "added", "12345"), ("f", ".wh.keep", b""))
     )
     l2 = driver.home / "l2"
-    assert sorted(os.listdir(l2)) == ["root"]  # upper, work, merged, lower-id and tmproot gone
+    assert sorted(os.listdir(l2)) == ["parent", "root"]  # upper, work, merged, lower-id, tmproot gone
     assert size == len("changed!\n") + len("12345")
     assert driver.is_root_layer("l2")
     # unchanged files are the parent's inodes
@@ -300,7 +300,7 @@ def test_apply_diff_failure_removes_tmproot(driver: OverlayDriver) -> None:
     driver.create("l2", "l1")
     with pytest.raises(Exception):  # noqa: B017 - whatever archive error apply_layer raises
         driver.apply_diff("l2", "l1", io.BytesIO(b"this is not a tar archive" * 40))
-    assert sorted(os.listdir(driver.home / "l2")) == ["lower-id", "merged", "upper", "work"]
+    assert sorted(os.listdir(driver.home / "l2")) == ["lower-id", "merged", "parent", "upper", "work"]
 
 
 def test_128_deep_chain_link_counts(driver: OverlayDriver) -> None:

@@ -495,22 +495,46 @@ def test_backing_filesystem_without_d_type_is_refused(tmp_path: Path) -> None:
     pytest.skip("no filesystem without d_type could be made: " + "; ".join(tried))
 
 
-def test_check_support_refuses_non_root_and_overlay_backing(tmp_path: Path) -> None:
-    code = (
-        "import os, sys\n"
-        "from graphdriver.drivers.overlay2 import Overlay2Driver\n"
-        "from graphdriver.errors import NotSupported\n"
-        "os.setegid(65534); os.seteuid(65534)\n"
-        "try:\n"
-        "    Overlay2Driver.check_support(__import__('pathlib').Path(sys.argv[1]))\n"
-        "except NotSupported as e:\n"
-        "    print(e.reason)\n"
-    )
+_CHECK = (
+    "import os, sys\n"
+    "from pathlib import Path\n"
+    "from graphdriver.drivers.overlay2 import Overlay2Driver\n"
+    "from graphdriver.errors import NotSupported\n"
+    "if sys.argv[2] == 'nobody':\n"
+    "    os.setegid(65534); os.seteuid(65534)\n"
+    "try:\n"
+    "    Overlay2Driver.check_support(Path(sys.argv[1]))\n"
+    "except NotSupported as e:\n"
+    "    print(e.reason)\n"
+)
+
+
+def test_check_support_refuses_non_root(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "x")], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _CHECK, str(tmp_path / "x"), "nobody"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == "needs root; use fuse-overlayfs"
 
+
+def test_check_support_refuses_a_user_namespace(tmp_path: Path) -> None:
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    argv = ["unshare", "--user", "--map-root-user", sys.executable, "-c", _CHECK, str(tmp_path / "x"), "root"]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 and proc.stderr.startswith("unshare:"):
+        pytest.skip(f"the kernel refuses a user namespace: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    # euid 0, but of a user namespace: overlay could mount, trusted.* xattrs cannot be written
+    assert proc.stdout.strip() == (
+        "running in a user namespace (uid map 0 0 1): overlay2 keeps whiteouts in trusted.* xattrs, "
+        "which need real root; use fuse-overlayfs"
+    )
+
+
+def test_check_support_refuses_an_overlay_backing_fs_and_creates_nothing(tmp_path: Path) -> None:
     d = Overlay2Driver(tmp_path / "overlay2")
     try:
         d.create("base")

@@ -164,7 +164,9 @@ class TestImage:
         return out
 
 
-def make_config(diff_ids: Sequence[str], *, arch: str | None = None, created: str = "2024-01-02T03:04:05Z") -> bytes:
+def make_config(
+    diff_ids: Sequence[str], *, arch: str | None = None, created: str = "2024-01-02T03:04:05Z"
+) -> bytes:
     doc = {
         "architecture": arch or host_platform().architecture,
         "os": "linux",
@@ -197,8 +199,19 @@ def make_image(layers: Sequence[LayerBlob], **config_kw: Any) -> TestImage:
 def gnu_tar(src: Path) -> bytes:
     """``src``'s content as GNU tar writes it (pax format, numeric owners, xattrs, sorted)."""
     return subprocess.run(
-        ["tar", "--format=pax", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name",
-         "-C", str(src), "-cf", "-", "."],
+        [
+            "tar",
+            "--format=pax",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--sort=name",
+            "-C",
+            str(src),
+            "-cf",
+            "-",
+            ".",
+        ],
         check=True,
         capture_output=True,
     ).stdout
@@ -214,8 +227,10 @@ def library_tar(src: Path) -> bytes:
 
 def base_tar(scratch: Path) -> bytes:
     """Layer 1: the sample tree (every kind of entry), packed by GNU tar."""
-    root = scratch / "base-tree"
-    root.mkdir()
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="base-tree-", dir=scratch))
+    os.chmod(root, 0o755)
     make_sample_tree(root)
     return gnu_tar(root)
 
@@ -232,8 +247,12 @@ def change_tar(*, keep_dir_xattrs: bool = True) -> bytes:
     return (
         TarBuilder()
         .dir("etc", mode=0o755, mtime=T0)
-        .file("etc/passwd", b"root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/sh\n",
-              mode=0o644, mtime=T0)
+        .file(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/sh\n",
+            mode=0o644,
+            mtime=T0,
+        )
         .whiteout("etc/write-only")
         .dir("data", mode=0o750, mtime=T0, xattrs=data_xattrs)
         .opaque("data")
@@ -249,8 +268,10 @@ def change_tar(*, keep_dir_xattrs: bool = True) -> bytes:
 
 def small_tar(scratch: Path, text: bytes = b"layer three\n") -> bytes:
     """Layer 3: a small tree packed by the library's exporter."""
-    root = scratch / f"small-{hashlib.sha256(text).hexdigest()[:8]}"
-    root.mkdir()
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="small-tree-", dir=scratch))
+    os.chmod(root, 0o755)
     (root / "srv").mkdir(mode=0o755)
     (root / "srv/hello.txt").write_bytes(text)
     os.utime(root / "srv/hello.txt", ns=(T0 * 10**9 + 5, T0 * 10**9 + 5))
@@ -271,7 +292,10 @@ def standard_image(
 
 
 def write_layout(
-    path: Path, entries: Sequence[tuple[TestImage, dict[str, Any]]], *, index_extra: dict[str, Any] | None = None
+    path: Path,
+    entries: Sequence[tuple[TestImage, dict[str, Any]]],
+    *,
+    index_extra: dict[str, Any] | None = None,
 ) -> Path:
     """An OCI layout with ``entries``: (image, extra fields of its index descriptor)."""
     (path / "blobs" / "sha256").mkdir(parents=True)
@@ -287,7 +311,11 @@ def write_layout(
             **extra,
         }
         manifests.append(desc)
-    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    }
     index.update(index_extra or {})
     (path / "index.json").write_text(json.dumps(index, indent=2))
     return path
@@ -300,8 +328,19 @@ def ref(name: str) -> dict[str, Any]:
 def tar_dir(src: Path, dest: Path, *members: str) -> Path:
     """GNU tar of ``src``'s ``members`` (default: everything), as image tools write archives."""
     subprocess.run(
-        ["tar", "--format=pax", "--sort=name", "--owner=0", "--group=0", "--numeric-owner",
-         "-C", str(src), "-cf", str(dest), *(members or (".",))],
+        [
+            "tar",
+            "--format=pax",
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "-C",
+            str(src),
+            "-cf",
+            str(dest),
+            *(members or (".",)),
+        ],
         check=True,
     )
     return dest
@@ -313,8 +352,12 @@ def write_oci_archive(scratch: Path, image: TestImage, dest: Path, ref_name: str
 
 
 def write_docker_archive(
-    scratch: Path, image: TestImage, dest: Path, tags: Sequence[str] = ("docker.io/library/test:1",),
-    *, form: str = "legacy",
+    scratch: Path,
+    image: TestImage,
+    dest: Path,
+    tags: Sequence[str] = ("docker.io/library/test:1",),
+    *,
+    form: str = "legacy",
 ) -> Path:
     """A ``docker save`` archive: ``legacy`` (``<id>/layer.tar``, uncompressed) or ``oci``
     (Docker 25+: blobs/sha256 plus manifest.json)."""
@@ -334,8 +377,9 @@ def write_docker_archive(
             parent = v1
         config_name = image.config_digest.partition(":")[2] + ".json"
         (work / config_name).write_bytes(image.config)
-        (work / "repositories").write_text(json.dumps({t.rpartition(":")[0]: {t.rpartition(":")[2]: parent}
-                                                       for t in tags}))
+        (work / "repositories").write_text(
+            json.dumps({t.rpartition(":")[0]: {t.rpartition(":")[2]: parent} for t in tags})
+        )
     else:
         blobs = work / "blobs" / "sha256"
         blobs.mkdir(parents=True)
@@ -344,26 +388,46 @@ def write_docker_archive(
             (blobs / la.diff_id.partition(":")[2]).write_bytes(la.tar)
             paths.append("blobs/sha256/" + la.diff_id.partition(":")[2])
         (blobs / image.config_digest.partition(":")[2]).write_bytes(image.config)
-        manifest = json.dumps({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": image.config_digest, "size": len(image.config)},
-            "layers": [{"mediaType": MEDIA["none"], "digest": la.diff_id, "size": len(la.tar)}
-                       for la in image.layers],
-        }).encode()
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": image.config_digest,
+                    "size": len(image.config),
+                },
+                "layers": [
+                    {"mediaType": MEDIA["none"], "digest": la.diff_id, "size": len(la.tar)}
+                    for la in image.layers
+                ],
+            }
+        ).encode()
         (blobs / sha256(manifest).partition(":")[2]).write_bytes(manifest)
         (work / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-        (work / "index.json").write_text(json.dumps({
-            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "digest": sha256(manifest), "size": len(manifest),
-                           "annotations": {"io.containerd.image.name": tags[0],
-                                           "org.opencontainers.image.ref.name": tags[0].rpartition(":")[2]}}],
-        }))
+        (work / "index.json").write_text(
+            json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "manifests": [
+                        {
+                            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                            "digest": sha256(manifest),
+                            "size": len(manifest),
+                            "annotations": {
+                                "io.containerd.image.name": tags[0],
+                                "org.opencontainers.image.ref.name": tags[0].rpartition(":")[2],
+                            },
+                        }
+                    ],
+                }
+            )
+        )
         config_name = "blobs/sha256/" + image.config_digest.partition(":")[2]
-    (work / "manifest.json").write_text(json.dumps([{"Config": config_name, "RepoTags": list(tags),
-                                                     "Layers": paths}]))
+    (work / "manifest.json").write_text(
+        json.dumps([{"Config": config_name, "RepoTags": list(tags), "Layers": paths}])
+    )
     return tar_dir(work, dest)
 
 
@@ -388,7 +452,7 @@ def leftovers(images: ImageStore) -> dict[str, Any]:
     store = images.layers
     with store.db.read() as txn:
         rows = {
-            t: txn.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # noqa: S608
+            t: txn.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
             for t in ("layers", "names", "images", "image_names", "image_manifests", "containers", "leases")
         }
     return {

@@ -48,8 +48,13 @@ def publish(kit: Any, registry: RegistryServer, blobs: list[bytes]) -> tuple[str
     src = kit.store("src")
     img = kit.image(src, blobs)
     name = f"{kit.repo()}:1"
-    pushed = push_image(src, f"{registry.host}/{name}", config=img.config, layers=img.layers,
-                        options=PushOptions(insecure=True))
+    pushed = push_image(
+        src,
+        f"{registry.host}/{name}",
+        config=img.config,
+        layers=img.layers,
+        options=PushOptions(insecure=True),
+    )
     return name, img, pushed
 
 
@@ -64,8 +69,10 @@ def assert_clean(store: LayerStore, *, layers: int = 0) -> None:
     assert [p for p in os.listdir(store.staging_root) if not p.endswith(".lock")] == []
 
 
-def test_corrupt_layer_byte_is_a_digest_mismatch(kit: Any, registry: RegistryServer, proxy: FaultProxy) -> None:
-    name, img, pushed = publish(kit, registry, [compress(layer("a", 300_000), "gzip")])
+def test_corrupt_layer_byte_is_a_digest_mismatch(
+    kit: Any, registry: RegistryServer, proxy: FaultProxy
+) -> None:
+    name, _, pushed = publish(kit, registry, [compress(layer("a", 300_000), "gzip")])
     proxy.add(Fault("corrupt", path=BLOB + pushed.layers[0].descriptor.digest[7:], offset=5000))
     store = kit.store("dst")
     with pytest.raises(DigestMismatch, match=pushed.layers[0].descriptor.digest):
@@ -74,10 +81,10 @@ def test_corrupt_layer_byte_is_a_digest_mismatch(kit: Any, registry: RegistrySer
 
 
 def test_corrupt_config_and_manifest(kit: Any, registry: RegistryServer, proxy: FaultProxy) -> None:
-    name, img, pushed = publish(kit, registry, [layer("a", 1000)])
+    name, _, pushed = publish(kit, registry, [layer("a", 1000)])
     store = kit.store("dst")
     proxy.add(Fault("corrupt", path=BLOB + pushed.config.descriptor.digest[7:], offset=3))
-    with pytest.raises(DigestMismatch, match="image config|content hashes to"):
+    with pytest.raises(DigestMismatch, match=r"blob sha256:[0-9a-f]{64}: content hashes to"):
         pull(store, f"{proxy.host}/{name}", opts())
     assert proxy.requests("GET", BLOB + pushed.layers[0].descriptor.digest[7:]) == []
     proxy.add(Fault("corrupt", path=r"/manifests/1$", offset=20))
@@ -99,7 +106,7 @@ def test_short_blob_once_resumes_with_range(kit: Any, registry: RegistryServer, 
 
 
 def test_short_blob_always_is_a_corrupt_stream(kit: Any, registry: RegistryServer, proxy: FaultProxy) -> None:
-    name, img, pushed = publish(kit, registry, [compress(layer("a", 200_000), "zstd")])
+    name, _, pushed = publish(kit, registry, [compress(layer("a", 200_000), "zstd")])
     digest = pushed.layers[0].descriptor.digest
     proxy.add(Fault("truncate", path=BLOB + digest[7:], offset=50_000, times=-1))
     store = kit.store("dst")
@@ -108,7 +115,9 @@ def test_short_blob_always_is_a_corrupt_stream(kit: Any, registry: RegistryServe
     assert_clean(store)
 
 
-def test_500_once_is_retried_always_is_an_error(kit: Any, registry: RegistryServer, proxy: FaultProxy) -> None:
+def test_500_once_is_retried_always_is_an_error(
+    kit: Any, registry: RegistryServer, proxy: FaultProxy
+) -> None:
     name, img, pushed = publish(kit, registry, [layer("a", 1000)])
     store = kit.store("dst")
     proxy.add(Fault("status", path=r"/manifests/", status=500))
@@ -124,7 +133,7 @@ def test_500_once_is_retried_always_is_an_error(kit: Any, registry: RegistryServ
 
 
 def test_429_with_retry_after_is_obeyed(kit: Any, registry: RegistryServer, proxy: FaultProxy) -> None:
-    name, img, pushed = publish(kit, registry, [layer("a", 1000)])
+    name, img, _ = publish(kit, registry, [layer("a", 1000)])
     fault = proxy.add(Fault("status", path=r"/manifests/", status=429, headers={"Retry-After": "1"}))
     store = kit.store("dst")
     got = pull(store, f"{proxy.host}/{name}", opts())
@@ -163,8 +172,9 @@ def test_push_retries_a_failed_chunk(kit: Any, registry: RegistryServer, proxy: 
     src = kit.store("src")
     img = kit.image(src, [layer("a", 600_000)])
     proxy.add(Fault("status", method="PATCH", path=r"/blobs/uploads/", status=500))
-    options = PushOptions(insecure=True, retry=FAST, compression="none",
-                          monolithic_limit=100_000, chunk_size=200_000)
+    options = PushOptions(
+        insecure=True, retry=FAST, compression="none", monolithic_limit=100_000, chunk_size=200_000
+    )
     ref = f"{proxy.host}/{kit.repo()}:1"
     pushed = push_image(src, ref, config=img.config, layers=img.layers, options=options)
     assert [b.action for b in pushed.layers] == ["uploaded"]
@@ -177,7 +187,9 @@ def test_push_retries_a_failed_chunk(kit: Any, registry: RegistryServer, proxy: 
     proxy.add(Fault("status", method="PUT", path=r"/blobs/uploads/", status=500, times=-1))
     img2 = kit.image(src, [layer("b", 1000)])
     with pytest.raises(RegistryError, match="HTTP 500"):
-        push_image(src, f"{proxy.host}/{kit.repo()}:1", config=img2.config, layers=img2.layers, options=options)
+        push_image(
+            src, f"{proxy.host}/{kit.repo()}:1", config=img2.config, layers=img2.layers, options=options
+        )
 
 
 def test_connection_refused_and_tls_are_one_line(kit: Any, registry: RegistryServer, cli: Any) -> None:
@@ -189,10 +201,16 @@ def test_connection_refused_and_tls_are_one_line(kit: Any, registry: RegistrySer
     with pytest.raises(RegistryError, match=r"TLS handshake with registry .* use --insecure"):
         pull(store, f"{registry.host}/x/y:1", PullOptions(retry=FAST))
     out, err = io.StringIO(), io.StringIO()
-    status = cli(["--root", str(kit.tmp / "cli"), "--driver", "vfs", "pull", "--insecure",
-                  f"127.0.0.1:{port}/x/y:1"], stdout=out, stderr=err)
+    status = cli(
+        ["--root", str(kit.tmp / "cli"), "--driver", "vfs", "pull", "--insecure", f"127.0.0.1:{port}/x/y:1"],
+        stdout=out,
+        stderr=err,
+    )
     assert status == RegistryError.exit_code
-    assert err.getvalue() == f"graphdriver: error: cannot connect to registry 127.0.0.1:{port}: connection refused\n"
+    assert (
+        err.getvalue()
+        == f"graphdriver: error: cannot connect to registry 127.0.0.1:{port}: connection refused\n"
+    )
     assert out.getvalue() == ""
 
 
@@ -228,9 +246,11 @@ def test_killed_pull_leaves_a_consistent_store_and_the_next_pull_completes(
     first, second = (b.descriptor.digest for b in pushed.layers)
     proxy.add(Fault("stall", path=BLOB + second[7:], offset=256 << 10, delay=120))
     root = kit.tmp / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", _PULL, str(root), f"{proxy.host}/{name}"],
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PULL, str(root), f"{proxy.host}/{name}"], stdout=subprocess.PIPE
+    )
     try:
+
         def mid_download(events: list[dict[str, Any]]) -> bool:
             applied = any(e.get("digest") == first and e.get("status") == "applied" for e in events)
             started = any(e.get("digest") == second and e.get("status") == "applying" for e in events)

@@ -81,7 +81,10 @@ def test_round_trip_gives_the_same_layers_and_tree(kit: Any, registry: RegistryS
     ref = f"{registry.host}/{kit.repo()}:1"
     # small limits: the top layer goes up in PATCH chunks, the others in one PUT
     pushed = push_image(
-        src, ref, config=img.config, layers=img.layers,
+        src,
+        ref,
+        config=img.config,
+        layers=img.layers,
         options=push_opts(monolithic_limit=256 << 10, chunk_size=256 << 10),
     )
     assert [b.action for b in pushed.layers] == ["uploaded"] * 3
@@ -127,9 +130,12 @@ def test_shared_base_is_not_downloaded_again(kit: Any, registry: RegistryServer)
     full = kit.image(src, [middle_blob(), top_blob(100_000)])
     assert full.chain_ids[0] == base.chain_ids[0]
     repo = kit.repo()
-    push_image(src, f"{registry.host}/{repo}:base", config=base.config, layers=base.layers, options=push_opts())
-    pushed = push_image(src, f"{registry.host}/{repo}:full", config=full.config, layers=full.layers,
-                        options=push_opts())
+    push_image(
+        src, f"{registry.host}/{repo}:base", config=base.config, layers=base.layers, options=push_opts()
+    )
+    pushed = push_image(
+        src, f"{registry.host}/{repo}:full", config=full.config, layers=full.layers, options=push_opts()
+    )
     assert [b.action for b in pushed.layers] == ["exists", "uploaded"]
     dst = kit.store("dst")
     pull(dst, f"{registry.host}/{repo}:base", OPTS)
@@ -142,20 +148,31 @@ def test_push_heads_then_mounts_across_repositories(kit: Any, registry: Registry
     src = kit.store("src")
     img = kit.image(src, [middle_blob(), top_blob(100_000)])
     a, b, c = kit.repo(), kit.repo(), kit.repo()
-    first = push_image(src, f"{registry.host}/{a}:1", config=img.config, layers=img.layers, options=push_opts())
+    first = push_image(
+        src, f"{registry.host}/{a}:1", config=img.config, layers=img.layers, options=push_opts()
+    )
     assert [x.action for x in first.layers] == ["uploaded", "uploaded"]
     assert first.config.action == "uploaded"
-    again = push_image(src, f"{registry.host}/{a}:2", config=img.config, layers=img.layers, options=push_opts())
+    again = push_image(
+        src, f"{registry.host}/{a}:2", config=img.config, layers=img.layers, options=push_opts()
+    )
     assert [x.action for x in again.layers] == ["exists", "exists"]
     assert again.digest == first.digest  # reproducible gzip: the same blobs, the same manifest
-    other = push_image(src, f"{registry.host}/{b}:1", config=img.config, layers=img.layers, options=push_opts())
+    other = push_image(
+        src, f"{registry.host}/{b}:1", config=img.config, layers=img.layers, options=push_opts()
+    )
     assert [(x.action, x.source) for x in other.layers] == [("mounted", a), ("mounted", a)]
     assert other.digest == first.digest
     # a store that never saw the registry: mounts only where it is told to look
     fresh = kit.store("fresh")
     img2 = kit.image(fresh, [middle_blob()])
-    told = push_image(fresh, f"{registry.host}/{c}:1", config=img2.config, layers=img2.layers,
-                      options=push_opts(mount_from=(a,)))
+    told = push_image(
+        fresh,
+        f"{registry.host}/{c}:1",
+        config=img2.config,
+        layers=img2.layers,
+        options=push_opts(mount_from=(a,)),
+    )
     assert [(x.action, x.source) for x in told.layers] == [("mounted", a)]
 
 
@@ -163,8 +180,13 @@ def test_push_of_a_pulled_image_reuses_its_blobs(kit: Any, registry: RegistrySer
     src = kit.store("src")
     img = kit.image(src, [compress(middle_blob(), "zstd")])
     repo = kit.repo()
-    pushed = push_image(src, f"{registry.host}/{repo}:1", config=img.config, layers=img.layers,
-                        options=push_opts(compression="zstd"))
+    pushed = push_image(
+        src,
+        f"{registry.host}/{repo}:1",
+        config=img.config,
+        layers=img.layers,
+        options=push_opts(compression="zstd"),
+    )
     dst = kit.store("dst")
     pulled = pull(dst, f"{registry.host}/{repo}:1", OPTS)
     assert pulled.layers[0].compressed_digest == pushed.layers[0].descriptor.digest
@@ -180,8 +202,9 @@ def test_layer_compressions(kit: Any, registry: RegistryServer, compression: str
     src = kit.store("src")
     img = kit.image(src, [middle_blob()])
     ref = f"{registry.host}/{kit.repo()}:1"
-    pushed = push_image(src, ref, config=img.config, layers=img.layers,
-                        options=push_opts(compression=compression))
+    pushed = push_image(
+        src, ref, config=img.config, layers=img.layers, options=push_opts(compression=compression)
+    )
     desc = pushed.layers[0].descriptor
     if compression == "none":
         assert desc.digest == img.diff_ids[0]
@@ -203,10 +226,15 @@ def test_index_platform_selection(kit: Any, registry: RegistryServer) -> None:
     arm = kit.image(src, [TarBuilder().file("arch", b"arm64\n", mtime=T).build()], os_arch="linux/arm64")
     manifests = []
     for tag, img, plat in (("amd", amd, ("linux", "amd64", None)), ("arm", arm, ("linux", "arm64", "v8"))):
-        r = push_image(src, f"{registry.host}/{repo}:{tag}", config=img.config, layers=img.layers,
-                       options=push_opts())
-        entry: dict[str, Any] = {"mediaType": MT_OCI_MANIFEST, "digest": r.digest, "size": len(r.manifest),
-                                 "platform": {"os": plat[0], "architecture": plat[1]}}
+        r = push_image(
+            src, f"{registry.host}/{repo}:{tag}", config=img.config, layers=img.layers, options=push_opts()
+        )
+        entry: dict[str, Any] = {
+            "mediaType": MT_OCI_MANIFEST,
+            "digest": r.digest,
+            "size": len(r.manifest),
+            "platform": {"os": plat[0], "architecture": plat[1]},
+        }
         if plat[2]:
             entry["platform"]["variant"] = plat[2]
         manifests.append(entry)
@@ -215,25 +243,38 @@ def test_index_platform_selection(kit: Any, registry: RegistryServer) -> None:
         client.put_manifest(repo, "multi", index, MT_OCI_INDEX)
 
     dst = kit.store("dst")
-    got = pull(dst, f"{registry.host}/{repo}:multi", PullOptions(insecure=True, platform=Platform.parse("linux/arm64")))
+    got = pull(
+        dst,
+        f"{registry.host}/{repo}:multi",
+        PullOptions(insecure=True, platform=Platform.parse("linux/arm64")),
+    )
     assert got.layers[-1].chain_id == arm.chain_ids[-1]
     assert got.resolved.index_digest is not None
     if host_platform().architecture == "amd64":
         mine = pull(dst, f"{registry.host}/{repo}:multi", OPTS)
         assert mine.layers[-1].chain_id == amd.chain_ids[-1]
     with pytest.raises(NotFound, match=r"no image for platform linux/s390x .*linux/amd64, linux/arm64/v8"):
-        pull(dst, f"{registry.host}/{repo}:multi", PullOptions(insecure=True, platform=Platform.parse("linux/s390x")))
+        pull(
+            dst,
+            f"{registry.host}/{repo}:multi",
+            PullOptions(insecure=True, platform=Platform.parse("linux/s390x")),
+        )
     # a single-platform image for another platform is refused when a platform is asked for
     with pytest.raises(NotFound, match="is an image for linux/arm64"):
-        pull(dst, f"{registry.host}/{repo}:arm", PullOptions(insecure=True, platform=Platform.parse("linux/amd64")))
+        pull(
+            dst,
+            f"{registry.host}/{repo}:arm",
+            PullOptions(insecure=True, platform=Platform.parse("linux/amd64")),
+        )
 
 
 def test_pull_by_digest_and_unknown_names(kit: Any, registry: RegistryServer) -> None:
     src = kit.store("src")
     img = kit.image(src, [middle_blob()])
     repo = kit.repo()
-    pushed = push_image(src, f"{registry.host}/{repo}:1", config=img.config, layers=img.layers,
-                        options=push_opts())
+    pushed = push_image(
+        src, f"{registry.host}/{repo}:1", config=img.config, layers=img.layers, options=push_opts()
+    )
     dst = kit.store("dst")
     got = pull(dst, f"{registry.host}/{repo}@{pushed.digest}", OPTS)
     assert got.resolved.manifest_digest == pushed.digest
@@ -254,8 +295,9 @@ def test_cli_pull_and_push(kit: Any, registry: RegistryServer, cli: Any) -> None
     push_image(src, ref, config=img.config, layers=img.layers, options=push_opts())
     root = kit.tmp / "cli-root"
     out, err = io.StringIO(), io.StringIO()
-    status = cli(["--root", str(root), "--driver", "vfs", "--json", "pull", "--insecure", ref],
-                 stdout=out, stderr=err)
+    status = cli(
+        ["--root", str(root), "--driver", "vfs", "--json", "pull", "--insecure", ref], stdout=out, stderr=err
+    )
     assert status == 0, err.getvalue()
     doc = json.loads(out.getvalue())
     assert doc["reference"] == ref
@@ -275,12 +317,14 @@ def test_cli_pull_and_push(kit: Any, registry: RegistryServer, cli: Any) -> None
 
     out, err = io.StringIO(), io.StringIO()
     status = cli(["--root", str(root), "push", "--insecure", "no/such:image", target], stdout=out, stderr=err)
-    assert status == 2
+    assert status == NotFound.exit_code
     assert err.getvalue() == "graphdriver: error: image not known: no/such:image\n"
 
     out, err = io.StringIO(), io.StringIO()
-    status = cli(["--root", str(root), "pull", "--insecure", "--platform", "linux", ref], stdout=out, stderr=err)
-    assert status == 4
+    status = cli(
+        ["--root", str(root), "pull", "--insecure", "--platform", "linux", ref], stdout=out, stderr=err
+    )
+    assert status == InvalidArgument.exit_code
     assert err.getvalue().startswith("graphdriver: error: invalid platform 'linux'")
     with LayerStore.open(root) as store:
         assert not store.check().problems

@@ -230,6 +230,9 @@ class _Applier:
         # overlay format: whiteout devices made by this layer, and dirs it made opaque
         self.whiteouts: set[tuple[int, int, str]] = set()
         self.opaque_dirs: set[tuple[int, int]] = set()
+        # overlay format, by path in the root: dirs this layer made opaque; its whiteout devices
+        self.opaque_paths: set[str] = set()
+        self.whiteout_paths: set[str] = set()
         # (dev, ino) -> (path, mode, atime_ns, mtime_ns), applied at the end
         self.deferred: dict[tuple[int, int], tuple[str, int, int, int]] = {}
         self.plnk_dir: str | None = None
@@ -457,8 +460,10 @@ class _Applier:
             self.created.add(key)
             if self.overlay and key in self.whiteouts:
                 self.whiteouts.discard(key)
+                path = f"{parent}/{base}" if parent else base
+                self.whiteout_paths.discard(path)
                 if kind is EntryKind.DIR:
-                    self._set_opaque_at(pfd, base)
+                    self._set_opaque_at(pfd, base, path)
         finally:
             if pfd != self.root_fd:
                 os.close(pfd)
@@ -659,8 +664,9 @@ class _Applier:
             if not self.overlay:
                 self._remove(pfd, target, keep_created=True)
                 return
-            if (pst.st_dev, pst.st_ino) in self.opaque_dirs:
-                return  # the directory is opaque: the lower name is hidden already
+            path = f"{parent}/{target}" if parent else target
+            if (pst.st_dev, pst.st_ino) in self.opaque_dirs or self._under_opaque(parent):
+                return  # an enclosing directory is opaque: no lower name shows through it
             if key in self.created:
                 try:
                     st = os.stat(target, dir_fd=pfd, follow_symlinks=False)
@@ -668,34 +674,72 @@ class _Applier:
                     pass
                 else:
                     if stat.S_ISDIR(st.st_mode):
-                        self._set_opaque_at(pfd, target)
+                        self._set_opaque_at(pfd, target, path)
                     return
             self._remove(pfd, target, keep_created=False)
             os.mknod(target, stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
             if self.chown:
                 os.chown(target, entry.uid, entry.gid, dir_fd=pfd, follow_symlinks=False)
             self.whiteouts.add(key)
+            self.whiteout_paths.add(path)
         finally:
             if pfd != self.root_fd:
                 os.close(pfd)
 
-    def _set_opaque_at(self, pfd: int, name: str) -> None:
+    def _set_opaque_at(self, pfd: int, name: str, path: str) -> None:
         fd = os.open(name, _O_DIR_READ, dir_fd=pfd)
         try:
-            self._set_opaque(fd)
+            self._set_opaque(fd, path)
         finally:
             os.close(fd)
 
-    def _set_opaque(self, fd: int) -> None:
+    def _under_opaque(self, dirpath: str) -> bool:
+        """Whether ``dirpath`` or one of its ancestors was made opaque by this layer."""
+        if not self.opaque_paths:
+            return False
+        while True:
+            if dirpath in self.opaque_paths:
+                return True
+            if not dirpath:
+                return False
+            dirpath = dirpath.rpartition("/")[0]
+
+    def _set_opaque(self, fd: int, path: str) -> None:
         os.setxattr(fd, self.opaque_xattr, b"y")
         st = os.fstat(fd)
         self.opaque_dirs.add((st.st_dev, st.st_ino))
-        # whiteouts this layer made in the directory are redundant now (and would show in readdir)
+        self.opaque_paths.add(path)
+        # whiteouts this layer made in or below the directory are redundant now (and would show
+        # in readdir: overlay does not merge below an opaque directory)
         for name in os.listdir(fd):
             key = (st.st_dev, st.st_ino, name)
             if key in self.whiteouts:
                 os.unlink(name, dir_fd=fd)
                 self.whiteouts.discard(key)
+                self.whiteout_paths.discard(f"{path}/{name}" if path else name)
+        prefix = f"{path}/" if path else ""
+        for nested in sorted(p for p in self.whiteout_paths if p.startswith(prefix)):
+            self._drop_whiteout(nested)
+
+    def _drop_whiteout(self, path: str) -> None:
+        """Unlink the whiteout device this layer made at ``path`` (if it is still one)."""
+        self.whiteout_paths.discard(path)
+        dirpath, _, name = path.rpartition("/")
+        try:
+            pfd = open_in_root(self.root_fd, dirpath, _O_DIR_READ) if dirpath else self.root_fd
+        except OSError:
+            return
+        try:
+            pst = os.fstat(pfd)
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                os.unlink(name, dir_fd=pfd)
+            self.whiteouts.discard((pst.st_dev, pst.st_ino, name))
+        except FileNotFoundError:
+            pass
+        finally:
+            if pfd != self.root_fd:
+                os.close(pfd)
 
     def _opaque(self, entry: TarEntry, dirpath: str) -> None:
         if dirpath:
@@ -719,7 +763,7 @@ class _Applier:
                 if (st.st_dev, st.st_ino, name) not in self.whiteouts:
                     self._remove(fd, name, keep_created=True)
             if self.overlay:
-                self._set_opaque(fd)
+                self._set_opaque(fd, dirpath)
         finally:
             os.close(fd)
 

@@ -10,7 +10,9 @@ changes in ``diff/``; a layer's full view is an overlay mount of its ``diff/`` o
         .mounts/                         get/put counts shared by processes (MountCounter)
         <id>/                            0700
             diff/                        this layer's own changes (the upperdir while writable);
-                                         the layer's root itself when it has no parent
+                                         the layer's root itself when it has no parent; made with
+                                         the parent root's owner, mode, xattrs and times, which
+                                         the merged root shows
             link                         LINK (no newline)
             parent                       the parent's id (only with a parent)
             lower                        "l/<P>:l/<GP>:...", uppermost first (only with a parent)
@@ -46,8 +48,9 @@ layer's recorded parent and a test mount at init showed that ``diff/`` can be tr
 methods of :class:`~graphdriver.drivers.base.Driver` run, and ``status()`` says why. A layer
 without a parent uses the naive methods too: its ``diff/`` *is* its root, so they cost the same.
 
-Init needs root, overlay in the kernel, and a backing filesystem that reports ``d_type`` and is
-not itself an overlay (or aufs, ecryptfs, nfs...). The test mount (two lowers, an upper, and the
+Init needs real root (not the root of a user namespace: whiteouts live in ``trusted.*`` xattrs),
+overlay in the kernel, and a backing filesystem that reports ``d_type`` and is not itself an
+overlay (or aufs, ecryptfs, nfs...). The test mount (two lowers, an upper, and the
 native-diff checks) runs in a scratch dir inside home, which init creates anyway; the side-effect
 free :meth:`Overlay2Driver.check_support` only reads (mount API, filesystems, existing entries).
 
@@ -141,7 +144,7 @@ def _copy_root_attributes(src: Path, dst: Path) -> None:
     os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     os.chmod(dst, stat.S_IMODE(st.st_mode))
     for name in os.listxattr(src, follow_symlinks=False):
-        if name.startswith(("trusted.overlay.", "user.overlay.")):
+        if name.startswith(("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")):
             continue
         os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
@@ -205,7 +208,7 @@ class Overlay2Driver(Driver):
                 raise IncompatibleFilesystem(self._no_dtype_message(self._backing_fs, self.home), self.name)
             try:
                 probe = overlayutils.probe_overlay(self.home, self._base_options())
-            except MountError as exc:
+            except (MountError, PermissionError) as exc:
                 raise NotSupported(f"overlay test mount failed: {exc}", self.name) from exc
         except NotSupported:
             if fresh:
@@ -261,6 +264,13 @@ class Overlay2Driver(Driver):
         """
         if os.geteuid() != 0:
             raise PrerequisitesNotMet("needs root; use fuse-overlayfs", cls.name)
+        userns = overlayutils.user_namespace()
+        if userns is not None:
+            raise PrerequisitesNotMet(
+                f"running in a user namespace ({userns}): overlay2 keeps whiteouts in trusted.* xattrs, "
+                "which need real root; use fuse-overlayfs",
+                cls.name,
+            )
         if not overlayutils.overlay_in_kernel():
             raise NotSupported("the kernel has no overlay filesystem (try: modprobe overlay)", cls.name)
         base = overlayutils.nearest_existing(Path(home))

@@ -42,6 +42,7 @@ __all__ = [
     "overlay_module_param",
     "probe_dtype",
     "probe_overlay",
+    "user_namespace",
 ]
 
 _SYS_GETDENTS64 = 217 if os.uname().machine == "x86_64" else 61
@@ -169,6 +170,18 @@ def probe_dtype(directory: Path) -> bool:
     finally:
         (scratch / "f").unlink(missing_ok=True)
         scratch.rmdir()
+
+
+def user_namespace() -> str | None:
+    """None in the initial user namespace, else a short description of this one's uid map."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            lines = [" ".join(line.split()) for line in f if line.strip()]
+    except OSError:
+        return None
+    if lines == ["0 0 4294967295"]:
+        return None
+    return "uid map " + "; ".join(lines[:3])
 
 
 def overlay_in_kernel() -> bool:

@@ -290,10 +290,11 @@ def export_image(
         raise NotFound(f"{dest}: directory {target.parent} does not exist")
     result = ExportResult(str(dest), format, compression, image.id, "", names=names)
     job = _Job(images, image, compression, names, progress)
-    if format == "oci":
-        result.manifest_digest, result.layers = _export_dir(job, target)
-    else:
-        result.manifest_digest, result.layers = _export_archive(job, target, format, docker_form)
+    with images.lease(image.layers):  # an rmi meanwhile leaves the layers until we are done
+        if format == "oci":
+            result.manifest_digest, result.layers = _export_dir(job, target)
+        else:
+            result.manifest_digest, result.layers = _export_archive(job, target, format, docker_form)
     return result
 
 

@@ -63,7 +63,7 @@ _READ_CHUNK = 1 << 20
 class RegistryError(GraphDriverError):
     """A registry could not be reached or kept failing (connection refused, TLS, 5xx, 429)."""
 
-    exit_code = 12
+    exit_code = 13
 
 
 @dataclass(frozen=True)
