@@ -5,6 +5,7 @@
 - :class:`LoopFs` makes a sparse image file, ``mkfs``, ``mount -o loop``, and always tears it
   down (everything mounted below it first, then the loop mount; the image file is deleted).
 - :func:`summarize` / :func:`markdown` turn samples into median, min-max and ratio rows.
+- :func:`fs_usage` reads a filesystem's used bytes and inodes (``statvfs``), for footprints.
 
 Nothing here knows about graphdriver or the peers: :mod:`operations` describes what to run.
 """
@@ -20,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+INNER = "GDBENCH-INNER"
+
 
 class StepError(RuntimeError):
     """A benchmarked or setup command exited non-zero."""
@@ -27,50 +30,77 @@ class StepError(RuntimeError):
 
 @dataclass
 class Timing:
-    """One process: wall seconds, CPU seconds, peak resident set size in KiB."""
+    """One process: wall seconds, CPU seconds, peak resident set size in KiB; ``inner`` is the
+    time the process reported for its library call (``GDBENCH-INNER``), when it does."""
 
     wall: float
     user: float
     sys: float
     maxrss_kb: int
+    inner: float | None = None
 
     def __add__(self, other: Timing) -> Timing:
-        return Timing(self.wall + other.wall, self.user + other.user, self.sys + other.sys,
-                      max(self.maxrss_kb, other.maxrss_kb))
+        inner = (
+            None if self.inner is None and other.inner is None else (self.inner or 0.0) + (other.inner or 0.0)
+        )
+        return Timing(
+            self.wall + other.wall,
+            self.user + other.user,
+            self.sys + other.sys,
+            max(self.maxrss_kb, other.maxrss_kb),
+            inner,
+        )
+
+    @property
+    def value(self) -> float:
+        """What a row reports: the inner time when the process gave one, else the wall time."""
+        return self.inner if self.inner is not None else self.wall
 
 
 ZERO = Timing(0.0, 0.0, 0.0, 0)
 
 
-def timed(argv: Sequence[str], *, env: Mapping[str, str] | None = None, stdout_path: str | None = None,
-          cwd: str | None = None) -> Timing:
+def timed(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout_path: str | None = None,
+    cwd: str | None = None,
+) -> Timing:
     """Run ``argv``, wait for it with ``os.wait4``, and return its :class:`Timing`.
 
-    stdout goes to ``stdout_path`` (or /dev/null); stderr is kept for the error message.
+    stdout goes to ``stdout_path`` (or a temp file); stderr is kept for the error message. A
+    ``GDBENCH-INNER <seconds>`` line on stdout becomes :attr:`Timing.inner`.
     """
-    out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL  # noqa: SIM115
+    out = open(stdout_path, "w+b") if stdout_path else tempfile.TemporaryFile()  # noqa: SIM115
     with tempfile.TemporaryFile() as err:
         try:
             start = time.perf_counter()
-            proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=dict(env) if env else None,
-                                    cwd=cwd)
+            proc = subprocess.Popen(
+                list(argv), stdout=out, stderr=err, env=dict(env) if env else None, cwd=cwd
+            )
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - start
             proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            inner = None
+            for line in out.read().decode(errors="replace").splitlines():
+                if line.startswith(INNER):
+                    inner = float(line.split()[1])
         finally:
-            if stdout_path:
-                out.close()  # type: ignore[union-attr]
+            out.close()
         if proc.returncode != 0:
             err.seek(0)
             tail = err.read()[-2000:].decode(errors="replace")
             raise StepError(f"exit {proc.returncode}: {' '.join(argv)}\n{tail}")
-    return Timing(wall, usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
+    return Timing(wall, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, inner)
 
 
 def run(argv: Sequence[str], *, env: Mapping[str, str] | None = None, capture: bool = False) -> str:
     """Run an untimed helper command; raise :class:`StepError` with its stderr on failure."""
-    proc = subprocess.run(list(argv), env=dict(env) if env else None, capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        list(argv), env=dict(env) if env else None, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise StepError(f"exit {proc.returncode}: {' '.join(argv)}\n{proc.stderr[-2000:]}")
     return proc.stdout if capture else ""
@@ -96,7 +126,7 @@ def unmount_below(path: str) -> None:
 
 MKFS = {
     "ext4": ["mkfs.ext4", "-q", "-F"],
-    "xfs": ["mkfs.xfs", "-q", "-f"],
+    "xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],
     "btrfs": ["mkfs.btrfs", "-q", "-f"],
 }
 
@@ -104,12 +134,14 @@ MKFS = {
 class LoopFs:
     """A fresh filesystem in a sparse image file under ``workdir``, mounted at ``workdir/mnt``."""
 
-    def __init__(self, workdir: str, fstype: str = "ext4", size: str = "6G") -> None:
+    def __init__(self, workdir: str, fstype: str = "ext4", size: str = "8G") -> None:
         self.workdir = workdir
         self.fstype = fstype
         self.size = size
         self.image = os.path.join(workdir, f"{fstype}.img")
         self.mnt = os.path.join(workdir, "mnt")
+        self.fresh: tuple[int, int] = (0, 0)
+        """(bytes, inodes) in use right after mkfs: footprints are measured from there."""
 
     def __enter__(self) -> LoopFs:
         os.makedirs(self.mnt, exist_ok=True)
@@ -117,6 +149,7 @@ class LoopFs:
             run(["truncate", "-s", self.size, self.image])
             run([*MKFS[self.fstype], self.image])
             run(["mount", "-o", "loop", self.image, self.mnt])
+            self.fresh = fs_usage(self.mnt)
         except BaseException:
             self.close()
             raise
@@ -125,87 +158,122 @@ class LoopFs:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def used(self) -> tuple[int, int]:
+        """(bytes, inodes) used since mkfs (after a ``syncfs``, so delayed allocation is counted)."""
+        subprocess.run(["sync", "-f", self.mnt], check=False)
+        b, i = fs_usage(self.mnt)
+        return b - self.fresh[0], i - self.fresh[1]
+
     def close(self) -> None:
         unmount_below(self.mnt)
         if mounts_below(self.mnt):
             raise RuntimeError(f"could not unmount {self.mnt}")
-        for path in (self.image,):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(self.image)
+        except FileNotFoundError:
+            pass
         try:
             os.rmdir(self.mnt)
         except OSError:
             pass
 
 
+def fs_usage(path: str) -> tuple[int, int]:
+    """(bytes, inodes) in use on the filesystem holding ``path``, from ``statvfs``."""
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_files - st.f_ffree
+
+
 @dataclass
 class Sample:
-    """One run of one tool on one operation: the total and each timed step."""
+    """One run of one scenario: a :class:`Timing` per reported operation (the sum of the steps
+    charged to it), every step's own timing, and extras (footprints, verdicts)."""
 
-    total: Timing
+    reports: dict[str, Timing] = field(default_factory=dict)
     steps: dict[str, Timing] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def charge(self, report: str, step: str, t: Timing) -> None:
+        self.steps[step] = t
+        self.reports[report] = self.reports[report] + t if report in self.reports else t
+
     def to_json(self) -> dict[str, Any]:
-        return {"total": asdict(self.total), "steps": {k: asdict(v) for k, v in self.steps.items()},
-                "extra": self.extra}
+        return {
+            "reports": {k: asdict(v) for k, v in self.reports.items()},
+            "steps": {k: asdict(v) for k, v in self.steps.items()},
+            "extra": self.extra,
+        }
 
 
 @dataclass
 class Row:
-    """Summary of one (operation, tool): medians and the wall-time spread."""
+    """Summary of one (operation, tool): medians, the spread, and ratios to the baselines."""
 
     operation: str
     tool: str
     runs: int
+    value: float
+    value_min: float
+    value_max: float
+    inner: bool
     wall: float
-    wall_min: float
-    wall_max: float
     user: float
     sys: float
     maxrss_mib: float
-    ratio: float | None
-    baseline: str
+    ratios: dict[str, float]
     note: str = ""
 
 
-def summarize(operation: str, baseline: str, samples: Mapping[str, list[Sample]],
-              notes: Mapping[str, str]) -> list[Row]:
-    """Rows for one operation, in the order of ``samples``; ratio = median wall / baseline's."""
-    base = samples.get(baseline)
-    base_wall = statistics.median(s.total.wall for s in base) if base else None
+def summarize(
+    operation: str, baselines: Sequence[str], timings: Mapping[str, list[Timing]], notes: Mapping[str, str]
+) -> list[Row]:
+    """Rows for one operation, in the order of ``timings``; ratio = median / a baseline's median."""
+    base = {b: statistics.median(t.value for t in timings[b]) for b in baselines if timings.get(b)}
     rows = []
-    for tool, runs in samples.items():
-        if not runs:
+    for tool, ts in timings.items():
+        if not ts:
             continue
-        walls = [s.total.wall for s in runs]
-        wall = statistics.median(walls)
-        rows.append(Row(
-            operation=operation, tool=tool, runs=len(runs), wall=wall, wall_min=min(walls),
-            wall_max=max(walls), user=statistics.median(s.total.user for s in runs),
-            sys=statistics.median(s.total.sys for s in runs),
-            maxrss_mib=statistics.median(s.total.maxrss_kb for s in runs) / 1024,
-            ratio=wall / base_wall if base_wall else None, baseline=baseline, note=notes.get(tool, ""),
-        ))
+        values = [t.value for t in ts]
+        value = statistics.median(values)
+        rows.append(
+            Row(
+                operation=operation,
+                tool=tool,
+                runs=len(ts),
+                value=value,
+                value_min=min(values),
+                value_max=max(values),
+                inner=all(t.inner is not None for t in ts),
+                wall=statistics.median(t.wall for t in ts),
+                user=statistics.median(t.user for t in ts),
+                sys=statistics.median(t.sys for t in ts),
+                maxrss_mib=statistics.median(t.maxrss_kb for t in ts) / 1024,
+                ratios={b: value / v for b, v in base.items() if b != tool and v > 0},
+                note=notes.get(tool, ""),
+            )
+        )
     return rows
 
 
-def _secs(x: float) -> str:
+def secs(x: float) -> str:
     return f"{x * 1000:.1f} ms" if x < 0.1 else f"{x:.3f} s" if x < 10 else f"{x:.2f} s"
 
 
-def markdown(rows: Sequence[Row]) -> str:
-    """The results table (one line per operation and tool)."""
+def markdown(rows: Sequence[Row], baselines: Mapping[str, Sequence[str]]) -> str:
+    """The results table (one line per operation and tool). Rows marked * report the library's
+    own time (``inner``); their CPU and RSS columns are still the whole process's."""
     lines = [
-        "| operation | tool | median wall | min-max | user | sys | max RSS | ratio | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| operation | tool | median | min-max | user | sys | max RSS | ratio to peers | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        ratio = "baseline" if r.tool == r.baseline else (f"{r.ratio:.2f}x" if r.ratio is not None else "-")
+        if r.tool in baselines.get(r.operation, ()):
+            ratio = "**peer**"
+        else:
+            ratio = ", ".join(f"{v:.2f}x {b}" for b, v in r.ratios.items()) or "-"
+        star = "*" if r.inner else ""
         lines.append(
-            f"| {r.operation} | {r.tool} | {_secs(r.wall)} | {_secs(r.wall_min)}-{_secs(r.wall_max)} | "
-            f"{_secs(r.user)} | {_secs(r.sys)} | {r.maxrss_mib:.0f} MiB | {ratio} | {r.note} |"
+            f"| {r.operation} | {r.tool}{star} | {secs(r.value)} | {secs(r.value_min)}-{secs(r.value_max)} | "
+            f"{secs(r.user)} | {secs(r.sys)} | {r.maxrss_mib:.0f} MiB | {ratio} | {r.note} |"
         )
     return "\n".join(lines)

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(btrfs-progs xfsprogs fuse-overlayfs fuse3 libarchive-tools attr umoci containers-storage
-              skopeo docker-registry util-linux tar gzip zstd)
+              skopeo docker-registry openssl util-linux tar gzip zstd e2fsprogs)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()

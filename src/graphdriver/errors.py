@@ -4,7 +4,7 @@ Every error the library raises on purpose derives from :class:`GraphDriverError`
 catch one class. The CLI maps each class to a one-line message and an exit code (``exit_code``):
 1 any other error, 2 usage (argparse), 3 NotFound, 4 AlreadyExists, 5 InvalidArgument,
 6 NotSupported, 7 Busy, 8 PermissionDenied, 9 MountError, 10 ArchiveError, 11 DigestMismatch,
-12 StoreCorrupt.
+12 StoreCorrupt, 13 RegistryError.
 
 ::
 
@@ -25,6 +25,7 @@ catch one class. The CLI maps each class to a one-line message and an exit code 
     |   +-- LimitExceeded          a configured limit (bytes, entries, depth...) was passed
     +-- DigestMismatch        content does not match its digest or size
     +-- StoreCorrupt          the layer store's metadata is inconsistent
+    +-- RegistryError         a registry could not be reached or kept failing
 """
 
 from __future__ import annotations
@@ -127,3 +128,9 @@ class StoreCorrupt(GraphDriverError):
     """The layer store's metadata is inconsistent with what is on disk."""
 
     exit_code = 12
+
+
+class RegistryError(GraphDriverError):
+    """A registry could not be reached, or kept failing after the retries."""
+
+    exit_code = 13

@@ -398,6 +398,7 @@ def test_docker_archive_member_names_with_dotdot(images: ImageStore, tmp_path: P
         with pytest.raises(BreakoutError, match="member name"):
             images.import_image(bad)
     assert ikit.leftovers(images) == before
+    assert_clean(images)
 
 
 @pytest.mark.parametrize("path", ["../outside.tar", "/etc/passwd", "a/../../x.tar"])
@@ -408,6 +409,7 @@ def test_docker_manifest_path_outside(images: ImageStore, tmp_path: Path, ikit: 
     with pytest.raises(BreakoutError):
         images.import_image(ikit.tar_dir(work, tmp_path / "bad.tar"))
     assert ikit.leftovers(images) == before
+    assert_clean(images)
 
 
 def test_docker_member_symlink_outside(images: ImageStore, tmp_path: Path, ikit: Kit) -> None:
@@ -423,6 +425,7 @@ def test_docker_member_symlink_outside(images: ImageStore, tmp_path: Path, ikit:
     with pytest.raises(BreakoutError, match="absolute target"):
         images.import_image(ikit.tar_dir(work, tmp_path / "bad2.tar"))
     assert ikit.leftovers(images) == before
+    assert_clean(images)
 
 
 @pytest.mark.parametrize(
@@ -454,6 +457,7 @@ def test_broken_docker_archive_leaves_nothing(
     with pytest.raises(error, match=message):
         images.import_image(archive)
     assert ikit.leftovers(images) == before
+    assert_clean(images)
     assert images.images() == []
 
 

@@ -233,9 +233,12 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: cannot sign registry tokens")
-    with TokenIssuer(
-        tmp_path_factory.mktemp("issuer"), {"alice": "s3cret"}, refresh_tokens={"identity-abc": "alice"}
-    ) as issuer, registry_server(tmp_path_factory.mktemp("tokenreg"), token=issuer) as server:
+    with (
+        TokenIssuer(
+            tmp_path_factory.mktemp("issuer"), {"alice": "s3cret"}, refresh_tokens={"identity-abc": "alice"}
+        ) as issuer,
+        registry_server(tmp_path_factory.mktemp("tokenreg"), token=issuer) as server,
+    ):
         yield server, issuer
 
 

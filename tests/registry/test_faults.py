@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from graphdriver.errors import CorruptStream, DigestMismatch
+from graphdriver.images.imagestore import ImageStore
 from graphdriver.layers.store import LayerStore
 from graphdriver.registry.client import RegistryError, RetryPolicy
 from graphdriver.registry.pull import PullOptions, pull
@@ -72,11 +73,16 @@ def assert_clean(store: LayerStore, *, layers: int = 0) -> None:
 def test_corrupt_layer_byte_is_a_digest_mismatch(
     kit: Any, registry: RegistryServer, proxy: FaultProxy
 ) -> None:
-    name, _, pushed = publish(kit, registry, [compress(layer("a", 300_000), "gzip")])
-    proxy.add(Fault("corrupt", path=BLOB + pushed.layers[0].descriptor.digest[7:], offset=5000))
+    blobs = [layer("base", 50_000), compress(layer("a", 300_000), "gzip")]
+    name, _, pushed = publish(kit, registry, blobs)
+    bad = pushed.layers[1].descriptor.digest
+    proxy.add(Fault("corrupt", path=BLOB + bad[7:], offset=5000))
     store = kit.store("dst")
-    with pytest.raises(DigestMismatch, match=pushed.layers[0].descriptor.digest):
-        pull(store, f"{proxy.host}/{name}", opts())
+    events: list[Any] = []
+    with pytest.raises(DigestMismatch, match=bad):
+        pull(store, f"{proxy.host}/{name}", opts(), sink=events.append)
+    # the base layer was applied, then removed again with the failed pull
+    assert [e.digest for e in events if e.status == "applied"] == [pushed.layers[0].descriptor.digest]
     assert_clean(store)
 
 
@@ -216,6 +222,7 @@ def test_connection_refused_and_tls_are_one_line(kit: Any, registry: RegistrySer
 
 _PULL = """
 import sys
+from graphdriver.images.imagestore import ImageStore
 from graphdriver.layers.store import LayerStore
 from graphdriver.registry.progress import JsonLines
 from graphdriver.registry.pull import PullOptions, pull
@@ -239,7 +246,7 @@ def _events_until(proc: subprocess.Popen[bytes], done: Any) -> list[dict[str, An
     return seen
 
 
-def test_killed_pull_leaves_a_consistent_store_and_the_next_pull_completes(
+def test_killed_pull_leaves_a_consistent_store_and_the_next_pull_starts_clean(
     kit: Any, registry: RegistryServer, proxy: FaultProxy
 ) -> None:
     name, img, pushed = publish(kit, registry, [layer("a", 10_000), layer("b", 2_000_000)])
@@ -268,14 +275,16 @@ def test_killed_pull_leaves_a_consistent_store_and_the_next_pull_completes(
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     proxy.clear()
-    store = LayerStore.open(root, "vfs")
-    kit._stores.append(store)
-    assert store.recovery is not None and store.recovery.removed
-    assert_clean(store, layers=1)
-    assert store.layers()[0].chain_id == img.chain_ids[0]
-    got = pull(store, f"{proxy.host}/{name}", opts())
-    assert got.downloaded == (second,)
+    # opening the store cleans up: the incomplete layer (layer recovery), then the stale lease
+    # and the complete layer it claimed (image store): the next pull starts clean
+    images = ImageStore.open(root, "vfs")
+    kit._stores.append(images.layers)
+    assert images.layers.recovery is not None and images.layers.recovery.removed
+    assert_clean(images.layers)
+    got = pull(images, f"{proxy.host}/{name}", opts())
+    assert got.downloaded == (first, second)
     assert [la.chain_id for la in got.layers] == img.chain_ids
-    assert_clean(store, layers=2)
+    assert_clean(images.layers, layers=2)
+    assert images.get(f"{proxy.host}/{name}").top_layer == got.layers[-1].id
     src = kit.store("src")
-    assert diff_snapshots(kit.rootfs(src, img.layers[-1]), kit.rootfs(store, got.layers[-1].id)) == []
+    assert diff_snapshots(kit.rootfs(src, img.layers[-1]), kit.rootfs(images.layers, got.layers[-1].id)) == []

@@ -100,7 +100,7 @@ def test_round_trip_gives_the_same_layers_and_tree(kit: Any, registry: RegistryS
     assert diff_snapshots(kit.rootfs(src, img.layers[-1]), kit.rootfs(dst, got.layers[-1].id)) == []
     assert not dst.check().problems
     with dst.db.read() as txn:
-        row = ImageTxn(txn).image(got.image)
+        row = ImageTxn(txn).image(got.image.id)
     assert row is not None
     assert row.top_layer == got.layers[-1].id
     assert row.config == img.config
@@ -114,7 +114,7 @@ def test_second_pull_downloads_nothing(kit: Any, registry: RegistryServer) -> No
     ref = f"{registry.host}/{kit.repo()}:v"
     push_image(src, ref, config=img.config, layers=img.layers, options=push_opts())
     dst = kit.store("dst")
-    first = pull(dst, ref, OPTS)
+    first = pull(dst, ref, PullOptions(insecure=True, stream_apply=False, parallel=1))
     events: list[Event] = []
     again = pull(dst, ref, OPTS, sink=events.append)
     assert again.downloaded == ()
@@ -328,3 +328,41 @@ def test_cli_pull_and_push(kit: Any, registry: RegistryServer, cli: Any) -> None
     assert err.getvalue().startswith("graphdriver: error: invalid platform 'linux'")
     with LayerStore.open(root) as store:
         assert not store.check().problems
+
+
+def test_later_layers_download_while_an_earlier_one_applies(
+    kit: Any, registry: RegistryServer, proxy: Any
+) -> None:
+    import threading
+
+    from graphdriver.testing.registry_server import Fault
+
+    src = kit.store("src")
+    img = kit.image(src, [top_blob(400_000), middle_blob()])
+    name = f"{kit.repo()}:1"
+    pushed = push_image(
+        src, f"{registry.host}/{name}", config=img.config, layers=img.layers, options=push_opts()
+    )
+    first, second = (b.descriptor.digest for b in pushed.layers)
+    # the bottom layer's blob stops half way until the top layer's blob has been downloaded and
+    # the bottom layer is being applied: a pull that did not download in parallel, or did not
+    # apply while downloading, would wait for the stall's 60 s and fail below
+    release = threading.Event()
+    stall = proxy.add(Fault("stall", path=f"/blobs/{first}", offset=100_000, delay=60, release=release))
+    events: list[Event] = []
+    seen: set[tuple[str | None, str | None]] = set()
+
+    def sink(e: Event) -> None:
+        events.append(e)
+        seen.add((e.digest, e.status))
+        if {(second, "downloaded"), (first, "applying")} <= seen:
+            release.set()
+
+    got = pull(kit.store("dst"), f"{proxy.host}/{name}", OPTS, sink=sink)
+    assert [la.chain_id for la in got.layers] == img.chain_ids
+    order = [(e.digest, e.status) for e in events if e.event == "status" and e.digest]
+    pos = order.index
+    assert pos((second, "downloaded")) < pos((first, "downloaded"))
+    assert pos((first, "applying")) < pos((first, "downloaded"))
+    assert pos((first, "applied")) < pos((second, "applying"))
+    assert not stall.timed_out

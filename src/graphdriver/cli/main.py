@@ -231,6 +231,12 @@ def build_parser() -> _Parser:
     _command(sub, "cleanup", commands.cmd_cleanup,
              "unmount everything the driver mounted under this root (mount counts are reset)",
              "  graphdriver cleanup")
+
+    # the image store and registry commands live in their own modules (imported lazily inside)
+    from graphdriver.cli import image_commands, registry_commands
+
+    image_commands.register(sub, _command)
+    registry_commands.register(sub, _command)
     return parser
 
 

@@ -9,7 +9,7 @@ JSON object per line (:mod:`graphdriver.registry.progress`), and the result as o
 on stdout:
 
 =====  ================================================================================================
-pull   ``{"reference", "digest", "index_digest", "config", "platform", "top_layer",
+pull   ``{"reference", "digest", "index_digest", "image", "config", "platform", "top_layer",
        "layers": [{"digest", "size", "diff_id", "chain_id", "id", "downloaded"}]}``
 push   ``{"reference", "digest", "config": {...}, "layers": [{"digest", "size", "media_type",
        "action": "exists"|"mounted"|"uploaded", "from"?}]}``
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from graphdriver.cli.commands import Context
-    from graphdriver.layers.store import LayerStore
+    from graphdriver.images.imagestore import ImageStore
     from graphdriver.registry.progress import Sink
 
 __all__ = ["cmd_pull", "cmd_push", "register"]
@@ -83,11 +83,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def _store(ctx: Context) -> Iterator[LayerStore]:
-    from graphdriver.layers.store import LayerStore
+def _store(ctx: Context) -> Iterator[ImageStore]:
+    from graphdriver.images.imagestore import ImageStore
 
-    with LayerStore.open(ctx.root, ctx.driver_name, ctx.options or None) as store:
-        ctx.debug(f"store {store.root} on {store.driver.name}")
+    with ImageStore.open(ctx.root, ctx.driver_name, ctx.options or None) as store:
+        ctx.debug(f"store {store.layers.root} on {store.layers.driver.name}")
         yield store
 
 

@@ -7,7 +7,8 @@ changes in ``diff/``; a layer's full view is an overlay mount of its ``diff/`` o
     <home>/                              0700
         l/                               short names, so that many lowers fit in mount data
             <LINK> -> ../<id>/diff       LINK: 26 chars of base32 from os.urandom
-        .mounts/                         get/put counts shared by processes (MountCounter)
+        .mounts/                         get/put counts shared by processes (MountCounter), and
+                                         .probe-cache.json: init's probe verdict (see below)
         <id>/                            0700
             diff/                        this layer's own changes (the upperdir while writable);
                                          the layer's root itself when it has no parent; made with
@@ -51,7 +52,10 @@ without a parent uses the naive methods too: its ``diff/`` *is* its root, so the
 Init needs real root (not the root of a user namespace: whiteouts live in ``trusted.*`` xattrs),
 overlay in the kernel, and a backing filesystem that reports ``d_type`` and is not itself an
 overlay (or aufs, ecryptfs, nfs...). The test mount (two lowers, an upper, and the
-native-diff checks) runs in a scratch dir inside home, which init creates anyway; the side-effect
+native-diff checks) runs in a scratch dir inside home, which init creates anyway, once: its verdict
+is kept in ``.mounts/.probe-cache.json`` and reused while the kernel (release, build, boot id),
+the backing filesystem (type, device), the mount options and the overlay module parameters are
+those it was made with (:func:`~graphdriver.drivers.overlayutils.cached_probe`); the side-effect
 free :meth:`Overlay2Driver.check_support` only reads (mount API, filesystems, existing entries).
 
 Storage options (``--storage-opt``, with or without the ``overlay2.`` prefix):
@@ -131,10 +135,21 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
 
 
 def _write_file(path: Path, text: str) -> None:
+    """Create ``path`` with ``text``; not yet durable: see :func:`_fsync_files`."""
     with open(path, "x", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    """fsync each of ``paths``, after all of them were written: the first fsync commits the
+    journal transaction that holds them all (ext4, xfs), so the others cost next to nothing,
+    where fsyncing each right after writing it would commit one transaction per file."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _copy_root_attributes(src: Path, dst: Path) -> None:
@@ -204,12 +219,14 @@ class Overlay2Driver(Driver):
         self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._backing_fs = overlayutils.backing_fs(self.home)
         try:
-            if not overlayutils.probe_dtype(self.home):
-                raise IncompatibleFilesystem(self._no_dtype_message(self._backing_fs, self.home), self.name)
             try:
-                probe = overlayutils.probe_overlay(self.home, self._base_options())
+                dtype_ok, probe = overlayutils.cached_probe(
+                    self.home, self.home / MOUNTS_DIR, self._base_options()
+                )
             except (MountError, PermissionError) as exc:
                 raise NotSupported(f"overlay test mount failed: {exc}", self.name) from exc
+            if not dtype_ok or probe is None:
+                raise IncompatibleFilesystem(self._no_dtype_message(self._backing_fs, self.home), self.name)
         except NotSupported:
             if fresh:
                 try:
@@ -399,6 +416,7 @@ class Overlay2Driver(Driver):
                 except FileExistsError:
                     continue
             _write_file(tmp / "link", link)
+            _fsync_files([tmp / "link", *([tmp / "lower", tmp / "parent"] if parent is not None else [])])
             try:
                 _rename_noreplace(tmp, d)
             except OSError as exc:

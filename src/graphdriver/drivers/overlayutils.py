@@ -13,27 +13,37 @@ kernel's overlay lets a layer's upper dir be read as its diff.
   not copied up wrongly, and a renamed directory does not leave a ``redirect`` xattr; it also
   reports ``redirect_dir`` and ``metacopy`` from the module parameters and the probe's mount
   options.
+- :func:`cached_probe` runs :func:`probe_dtype` and :func:`probe_overlay` once and keeps the
+  verdict in a file in the driver's home (overlay2: ``.mounts/.probe-cache.json``), so that
+  every process opening the driver (each CLI command) does not pay for a test mount. The verdict
+  is reused only while everything it depends on is unchanged: the running kernel (release, build
+  and boot id), the backing filesystem (its type and device), the mount options, and every
+  overlay module parameter; anything else, or an unreadable file, means probing again.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import struct
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from graphdriver.fs.remove import remove_tree
 from graphdriver.mount import MountInfo, mount_overlay, mounts, unmount
 
 __all__ = [
     "DTYPE_PROBE_PREFIX",
+    "PROBE_CACHE",
     "PROBE_PREFIX",
     "OverlayProbe",
     "backing_fs",
+    "cached_probe",
     "dtype_supported",
     "dtype_supported_existing",
     "fs_magic",
@@ -76,6 +86,9 @@ PROBE_PREFIX = ".overlay-probe-"
 """Scratch dirs of :func:`probe_overlay` are named ``<PROBE_PREFIX><pid>-<random>``."""
 DTYPE_PROBE_PREFIX = ".dtype-probe-"
 """Scratch dirs of :func:`probe_dtype` are named ``<DTYPE_PROBE_PREFIX><pid>-<random>``."""
+PROBE_CACHE = ".probe-cache.json"
+"""The name of the file where :func:`cached_probe` keeps its verdict (a dot name, so listings of
+layers and mount counts skip it)."""
 
 
 @dataclass(frozen=True)
@@ -281,3 +294,63 @@ def probe_overlay(scratch_parent: Path, options: Sequence[str] = ()) -> OverlayP
             unmount(merged, detach=True)
     finally:
         remove_tree(scratch)
+
+
+def _probe_key(home: Path, options: Sequence[str]) -> dict[str, Any]:
+    """Everything a probe's verdict depends on (see :func:`cached_probe`)."""
+    uname = os.uname()
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    params: dict[str, str] = {}
+    try:
+        for entry in sorted(os.scandir(OVERLAY_PARAMS), key=lambda e: e.name):
+            try:
+                with open(entry.path, encoding="utf-8") as f:
+                    params[entry.name] = f.read().strip()
+            except OSError:
+                params[entry.name] = "?"
+    except OSError:
+        pass
+    st = os.stat(home)
+    return {
+        "kernel": f"{uname.release} {uname.version}",
+        "boot_id": boot,
+        "fs": backing_fs(home),
+        "fs_magic": fs_magic(home),
+        "dev": st.st_dev,
+        "options": list(options),
+        "params": params,
+    }
+
+
+def cached_probe(
+    home: Path, cache_dir: Path, options: Sequence[str] = ()
+) -> tuple[bool, OverlayProbe | None]:
+    """``(d_type works, probe)`` for the driver home ``home``: from ``cache_dir/``:data:`PROBE_CACHE`
+    when its key matches this machine's state, else by running :func:`probe_dtype` and (when
+    d_type works) :func:`probe_overlay` in ``home``, whose exceptions propagate. Only a
+    successful probe is kept (``cache_dir`` is created then)."""
+    key = _probe_key(home, options)
+    cache = cache_dir / PROBE_CACHE
+    try:
+        with open(cache, encoding="utf-8") as f:
+            saved = json.load(f)
+        if isinstance(saved, dict) and saved.get("key") == key:
+            return True, OverlayProbe(**saved["probe"])
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    if not probe_dtype(home):
+        return False, None
+    probe = probe_overlay(home, options)
+    tmp = cache_dir / f"{PROBE_CACHE}.{os.getpid()}.tmp"
+    try:
+        cache_dir.mkdir(mode=0o700, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"key": key, "probe": asdict(probe)}, f)
+        os.replace(tmp, cache)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a cache we cannot write only costs the next process a probe
+    return True, probe

@@ -44,7 +44,14 @@ from typing import BinaryIO
 import httpx
 
 from graphdriver import __version__
-from graphdriver.errors import DigestMismatch, GraphDriverError, InvalidArgument, NotFound, PermissionDenied
+from graphdriver.errors import (
+    DigestMismatch,
+    GraphDriverError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RegistryError,
+)
 from graphdriver.images.manifests import MAX_DOCUMENT
 from graphdriver.registry.auth import Authenticator, Credentials, find_credentials, registry_message
 from graphdriver.registry.manifests import MANIFEST_ACCEPT
@@ -58,12 +65,6 @@ MONOLITHIC_LIMIT = 32 << 20
 """blobs up to this size are uploaded in one PUT; bigger ones in chunks"""
 CHUNK_SIZE = 16 << 20
 _READ_CHUNK = 1 << 20
-
-
-class RegistryError(GraphDriverError):
-    """A registry could not be reached or kept failing (connection refused, TLS, 5xx, 429)."""
-
-    exit_code = 13
 
 
 @dataclass(frozen=True)

@@ -142,14 +142,14 @@ class TerminalProgress:
     def _format(event: Event) -> str:
         assert event.digest is not None
         label = f"{_short(event.digest)}: {event.status or ''}"
+        if event.size is not None and event.status in _FINAL:
+            return f"{label:<26} {_human(event.size)}"
         if event.current is not None and event.size:
             pct = min(100, event.current * 100 // event.size)
             width = 30
             filled = width * pct // 100
             bar = "=" * filled + (">" if filled < width else "") + " " * max(0, width - filled - 1)
             return f"{label:<26} [{bar}] {_human(event.current)}/{_human(event.size)}"
-        if event.size is not None and event.status in _FINAL:
-            return f"{label:<26} {_human(event.size)}"
         return label
 
     def _draw(self, *, force: bool = False) -> None:

@@ -12,11 +12,15 @@
               file *while it is written* (``stream_apply``): the first layer applies as it
               downloads, the later ones spool meanwhile; the store checks the blob digest and size
               and the diff ID again, so a bad byte or a short blob stores nothing
-    record    the image (reference, manifest, config, top layer) -- :func:`_record_image`
+    record    the image: config, top layer, manifest, the reference as its name
+              (graphdriver.images.importer.record_image, as an OCI layout import does)
 
-A pull that is killed leaves an incomplete layer record and a staging directory, both removed by
-the next :meth:`LayerStore.open` (nothing half-stored is ever listed); the layers it finished
-are complete, so the next pull skips them and downloads the rest.
+Like an image import, a pull holds a lease (:meth:`ImageStore.lease`) on the image's chain IDs
+from before it looks for them until the image is recorded, so no concurrent ``rmi``/``prune``
+takes a layer it reuses. A pull that fails removes the layers it created (unless something else
+uses them meanwhile): nothing of it is left. A pull that is killed leaves an incomplete layer
+record, a staging directory and a stale lease; the next :meth:`ImageStore.open` removes all three
+and the layers the lease claimed, so the next pull starts clean.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import io
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -52,6 +56,7 @@ from graphdriver.registry.progress import Event, Sink, Throttle, null_sink
 from graphdriver.registry.reference import Reference, api_host, parse_reference, target
 
 if TYPE_CHECKING:
+    from graphdriver.images.imagestore import Image, ImageStore
     from graphdriver.layers.metadata import Layer
     from graphdriver.layers.store import LayerStore
 
@@ -96,8 +101,8 @@ class PullResult:
     resolved: Resolved
     layers: tuple[Layer, ...]
     downloaded: tuple[str, ...]
-    image: str
-    """the id of the image recorded in the store (its config digest)"""
+    image: Image
+    """the image as the store recorded it"""
 
     @property
     def top_layer(self) -> Layer | None:
@@ -109,6 +114,7 @@ class PullResult:
             "reference": str(r.reference),
             "digest": r.manifest_digest,
             "index_digest": r.index_digest,
+            "image": self.image.id,
             "config": r.config_digest,
             "platform": str(r.config.platform) if r.config.platform else None,
             "top_layer": self.top_layer.id if self.top_layer else None,
@@ -319,7 +325,7 @@ class _Retry(Exception):
 
 
 def pull(
-    store: LayerStore,
+    store: ImageStore | LayerStore,
     reference: str | Reference,
     options: PullOptions | None = None,
     *,
@@ -330,9 +336,12 @@ def pull(
 
     Errors: :class:`NotFound` (no such repository, tag or platform), :class:`PermissionDenied`
     (401/403, with the registry's message), :class:`DigestMismatch` / :class:`CorruptStream`
-    (bad or short content: nothing of that layer is kept), :class:`RegistryError` (unreachable,
-    or 5xx/429 after the retries).
+    (bad or short content), :class:`RegistryError` (unreachable, or 5xx/429 after the
+    retries). After any of them the store is as it was.
     """
+    from graphdriver.images.imagestore import ImageStore
+
+    images = store if isinstance(store, ImageStore) else ImageStore(store)
     opts = options or PullOptions()
     ref = reference if isinstance(reference, Reference) else parse_reference(reference)
     retry = opts.retry or RetryPolicy()
@@ -345,12 +354,22 @@ def pull(
                 )
             )
         resolved = resolve(client, ref, opts.platform, sink)
-        with _lease(store, chain_ids(resolved.config.diff_ids)):
-            layers, downloaded = _fetch_layers(
-                store, client=client, resolved=resolved, opts=opts, retry=retry, sink=sink
-            )
-            image = _record_image(store, resolved, layers)
-        _remember_blobs(store, client.host, resolved)
+        created: list[str] = []
+        try:
+            with images.lease(chain_ids(resolved.config.diff_ids)):
+                layers, downloaded = _fetch_layers(
+                    images.layers, client=client, resolved=resolved, opts=opts, retry=retry, sink=sink,
+                    created=created,
+                )
+                image = _record_image(images, resolved, layers)
+        except BaseException:
+            if created:
+                try:
+                    images.collect(created)
+                except Exception:
+                    pass  # whatever is left is garbage for prune / check
+            raise
+        _remember_blobs(images.layers, client.host, resolved)
         return PullResult(resolved, tuple(layers), tuple(downloaded), image)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -363,6 +382,7 @@ def _fetch_layers(
     opts: PullOptions,
     retry: RetryPolicy,
     sink: Sink,
+    created: list[str],
 ) -> tuple[list[Layer], list[str]]:
     descs = resolved.parsed.layers
     diff_ids = resolved.config.diff_ids
@@ -404,6 +424,7 @@ def _fetch_layers(
                 d = descs[i]
                 spool = spools[d.digest]
                 layer = _apply(store, spool, parent, diff_ids[i], sink)
+                created.append(layer.id)
                 layers.append(layer)
                 parent = layer.id
                 uses[d.digest] -= 1
@@ -442,20 +463,22 @@ def _apply(store: LayerStore, spool: _Spool, parent: str | None, diff_id: str, s
     return layer
 
 
-def _record_image(store: LayerStore, resolved: Resolved, layers: Sequence[Layer]) -> str:
-    """Record the pulled image (graphdriver.images.records): its config, top layer, manifest and
-    the reference as its name, in one transaction. Returns the image id (the config digest)."""
-    from graphdriver.images.records import ImageTxn
+def _record_image(images: ImageStore, resolved: Resolved, layers: Sequence[Layer]) -> Image:
+    """Record the pulled image as an import does (one transaction; the lease still holds)."""
+    from graphdriver.images.importer import record_image
+    from graphdriver.images.sources import LayerSpec, ResolvedImage
 
-    image_id = resolved.config_digest
-    with store.write() as txn:
-        images = ImageTxn(txn)
-        images.insert_image(image_id, layers[-1].id if layers else None, resolved.config.raw)
-        images.add_manifest(
-            image_id, resolved.manifest_digest, resolved.manifest_media_type, resolved.manifest
-        )
-        images.set_names(image_id, [str(resolved.reference)])
-    return image_id
+    image = ResolvedImage(
+        config=resolved.config,
+        config_digest=resolved.config_digest,
+        config_media_type=resolved.parsed.config.media_type,
+        manifest=resolved.manifest,
+        manifest_digest=resolved.manifest_digest,
+        manifest_media_type=resolved.manifest_media_type,
+        layers=tuple(LayerSpec(d.digest, d.digest, d.size, d.media_type) for d in resolved.parsed.layers),
+        names=(str(resolved.reference),),
+    )
+    return record_image(images, image, layers[-1].id if layers else None, [str(resolved.reference)])
 
 
 def _remember_blobs(store: LayerStore, host: str, resolved: Resolved) -> None:
@@ -465,25 +488,3 @@ def _remember_blobs(store: LayerStore, host: str, resolved: Resolved) -> None:
     with BlobCache(store.root) as cache:
         for desc, diff_id in zip(resolved.parsed.layers, resolved.config.diff_ids, strict=True):
             cache.record(desc.digest, desc.media_type, diff_id, host, resolved.reference.path)
-
-
-@contextmanager
-def _lease(store: LayerStore, targets: Sequence[str]) -> Iterator[None]:
-    """Claim ``targets`` (chain IDs) for the pull, so that a concurrent removal leaves the layers
-    it found or made alone until the image is recorded (the store's leases)."""
-    from graphdriver.images.records import ImageTxn
-    from graphdriver.layers.digests import new_layer_id
-
-    lease = f"pull-{new_layer_id()[:32]}"
-    lock = store.lease_lock(lease)
-    lock.acquire()
-    try:
-        with store.write() as txn:
-            ImageTxn(txn).add_lease(lease, targets)
-        try:
-            yield
-        finally:
-            with store.write() as txn:
-                ImageTxn(txn).delete_lease(lease)
-    finally:
-        lock.release(unlink=True)

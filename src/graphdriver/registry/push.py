@@ -19,8 +19,11 @@ For each layer, in parallel (bounded), the first of these that works:
      anything is read, so the ``HEAD`` comes first;
    - ``zstd`` (``...tar+zstd``).
 
-   It is then ``HEAD``-checked (and mounted when the cache knows it elsewhere) and otherwise
-   uploaded: in one ``PUT`` up to ``monolithic_limit`` bytes, in ``PATCH`` chunks beyond.
+   gzip and none are what every registry and client reads: ``skopeo copy docker://... oci:DIR``
+   keeps the gzip blobs byte for byte (and gzips uncompressed ones itself for an ``oci:``
+   destination). The blob is then ``HEAD``-checked (and mounted when the cache knows it
+   elsewhere) and otherwise uploaded: in one ``PUT`` up to ``monolithic_limit`` bytes, in
+   ``PATCH`` chunks beyond.
 
 Then the config (its exact bytes: the image ID does not change) and an OCI image manifest, put
 under the reference's tag (or its digest, which must then be the manifest's).
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import httpx
 
-from graphdriver.errors import GraphDriverError, InvalidArgument, NotFound
+from graphdriver.errors import GraphDriverError, InvalidArgument
 from graphdriver.images.manifests import LAYER_TYPES, MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST, Descriptor
 from graphdriver.registry.blobcache import BlobCache
 from graphdriver.registry.client import CHUNK_SIZE, MONOLITHIC_LIMIT, RegistryClient, RetryPolicy
@@ -49,6 +52,7 @@ from graphdriver.registry.progress import Event, Sink, Throttle, null_sink
 from graphdriver.registry.reference import Reference, api_host, parse_reference
 
 if TYPE_CHECKING:
+    from graphdriver.images.imagestore import ImageStore
     from graphdriver.layers.metadata import Layer
     from graphdriver.layers.store import LayerStore
 
@@ -318,60 +322,33 @@ def push_image(
 
 
 def push(
-    store: LayerStore,
+    store: ImageStore | LayerStore,
     image: str,
     reference: str | Reference,
     options: PushOptions | None = None,
     *,
     sink: Sink = null_sink,
 ) -> PushResult:
-    """Push the store's image ``image`` (a name or ID in the image records) to ``reference``."""
-    config, layers, blobs = _load_image(store, image)
-    with BlobCache(store.root) as cache:
-        for digest, media_type, diff_id in blobs:
-            cache.learn(digest, media_type, diff_id)
-    return push_image(store, reference, config=config, layers=layers, options=options, sink=sink)
+    """Push the store's image ``image`` (a name, an id or id prefix, a manifest digest) to
+    ``reference``. The layer blobs of the manifests it was pulled or imported with are offered
+    first (:class:`BlobPush` ``exists``/``mounted`` without compressing anything)."""
+    from graphdriver.images.imagestore import ImageStore
+    from graphdriver.images.manifests import parse_manifest
+    from graphdriver.images.records import ImageTxn
 
-
-def _load_image(store: LayerStore, image: str) -> tuple[bytes, list[str], list[tuple[str, str, str]]]:
-    """A recorded image: its exact config, its layer ids (bottom first), and the layer blobs of
-    the manifests it was imported with, as (digest, media type, diff ID)."""
-    from graphdriver.images.manifests import parse_config, parse_manifest
-    from graphdriver.images.records import ImageRow, ImageTxn
-    from graphdriver.images.references import is_digest, try_parse_reference
-
-    with store.db.read() as txn:
-        images = ImageTxn(txn)
-        row: ImageRow | None = None
-        ref = try_parse_reference(image)
-        if ref is not None:
-            row = images.image_by_name(str(ref))
-        if row is None and is_digest(image):
-            row = images.image(image)
-        if row is None and 3 <= len(image.removeprefix("sha256:")) < 64:
-            hex_prefix = image.removeprefix("sha256:")
-            if all(c in "0123456789abcdef" for c in hex_prefix):
-                found = images.image_ids_with_prefix(hex_prefix)
-                if len(found) > 1:
-                    raise InvalidArgument(f"image id prefix {image!r} is ambiguous")
-                row = images.image(found[0]) if found else None
-        if row is None:
-            raise NotFound(f"image not known: {image}")
-        manifests = images.manifests(row.id)
-    layers: list[str] = []
-    at = row.top_layer
-    while at is not None:
-        layers.append(at)
-        at = store.get(at).parent
-    layers.reverse()
-    diff_ids = parse_config(row.config).diff_ids
-    blobs: list[tuple[str, str, str]] = []
-    for m in manifests:
-        try:
-            parsed = parse_manifest(m.body)
-        except GraphDriverError:
-            continue
-        if len(parsed.layers) == len(diff_ids):
-            pairs = zip(parsed.layers, diff_ids, strict=True)
-            blobs.extend((d.digest, d.media_type, diff) for d, diff in pairs)
-    return row.config, layers, blobs
+    images = store if isinstance(store, ImageStore) else ImageStore(store)
+    found = images.get(image)
+    with images.layers.db.read() as txn:
+        manifests = ImageTxn(txn).manifests(found.id)
+    with BlobCache(images.layers.root) as cache:
+        for m in manifests:
+            try:
+                parsed = parse_manifest(m.body)
+            except GraphDriverError:
+                continue
+            if len(parsed.layers) == len(found.diff_ids):
+                for d, diff_id in zip(parsed.layers, found.diff_ids, strict=True):
+                    cache.learn(d.digest, d.media_type, diff_id)
+    return push_image(
+        images.layers, reference, config=found.config, layers=list(found.layers), options=options, sink=sink
+    )

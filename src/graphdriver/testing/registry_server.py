@@ -233,7 +233,11 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     offset: int = 0
     delay: float = 0.0
+    release: threading.Event | None = None
+    """ends a ``stall`` early when set (a test sets it once what it waits for happened)"""
     hits: int = 0
+    timed_out: bool = False
+    """a ``stall`` ran its full ``delay`` (``release`` was not set in time)"""
 
     def matches(self, method: str, path: str) -> bool:
         if self.times == 0 or method != self.method or not re.search(self.path, path):
@@ -418,9 +422,15 @@ class FaultProxy:
             h.wfile.write(data[: fault.offset])
             h.wfile.flush()
             data = data[fault.offset :]
-            if self._closing.wait(fault.delay):
-                h.close_connection = True
-                return
+            deadline = time.monotonic() + fault.delay
+            while not (fault.release is not None and fault.release.is_set()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    fault.timed_out = True
+                    break
+                if self._closing.wait(min(left, 0.05)):
+                    h.close_connection = True
+                    return
         if fault is not None and fault.action == "truncate":
             h.wfile.write(data[: fault.offset])
             h.wfile.flush()

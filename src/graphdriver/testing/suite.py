@@ -45,7 +45,7 @@ import os
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pytest
 
@@ -185,8 +185,7 @@ class DriverConformance:
 
     @staticmethod
     def writable_parents(driver: Driver) -> bool:
-        caps: Any = driver.capabilities
-        return caps.writable_parents
+        return driver.capabilities.writable_parents
 
     # -- the seed's graphtest cases (spec section 5), exactly --------------------------------------
 
