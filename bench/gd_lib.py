@@ -11,6 +11,8 @@ apart from the interpreter's start-up. Commands (driver layer ids ``l1``.. as th
 - ``apply L1.tar [L2.tar ...]``: ``create`` + ``apply_diff`` of ``l1``..``lN``, each on the previous;
 - ``store-import L1.tar ...``: ``LayerStore.import_layer`` of each on the previous (digests,
   tar-split, ``syncfs``), as an image import does;
+- ``store-import-stack L1.tar ...``: ``LayerStore.import_layers`` of them all at once (on overlay2
+  the layers are applied in parallel processes); their diff IDs are computed first, untimed;
 - ``import-oci SOURCE``: ``ImageStore.import_image(SOURCE)`` (``oci:DIR:REF``); prints the image id;
 - ``rmi REF``: ``ImageStore.rmi`` (the image and its now unused layers);
 - ``create-mount PARENT ID``: ``create(ID, PARENT)`` + ``get(ID)``; prints the path (left mounted);
@@ -37,6 +39,20 @@ def _timed(fn: Callable[[], Any]) -> Any:
     return result
 
 
+def _diff_id(path: str) -> str:
+    """sha256 of the uncompressed tar (gzip or plain), as an image config lists it."""
+    import gzip
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as raw:
+        f = gzip.GzipFile(fileobj=raw) if raw.read(2) == b"\x1f\x8b" else raw
+        raw.seek(0)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="gd_lib.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -59,6 +75,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(image.id)
             else:
                 _timed(lambda: images.rmi(args[0]))
+        return 0
+    if a.command == "store-import-stack":
+        from graphdriver.layers.store import LayerBlob, LayerStore
+
+        diff_ids = [_diff_id(path) for path in args]
+        with LayerStore.open(a.root, a.driver, options) as store:
+            files = [open(path, "rb") for path in args]  # noqa: SIM115 - closed below
+            try:
+                _timed(
+                    lambda: store.import_layers(
+                        [LayerBlob(f, d) for f, d in zip(files, diff_ids, strict=True)]
+                    )
+                )
+            finally:
+                for f in files:
+                    f.close()
         return 0
     if a.command == "store-import":
         from graphdriver.layers.store import LayerStore

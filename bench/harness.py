@@ -1,7 +1,8 @@
 """The benchmark machinery: timed processes, fresh loop-mounted filesystems, statistics, reports.
 
 - :func:`timed` runs one command as its own process and returns its wall time (perf_counter
-  around spawn and reap), user and system CPU time and peak RSS from ``os.wait4``'s rusage.
+  around spawn and reap), user and system CPU time from ``os.wait4``'s rusage and its peak RSS
+  from GNU time (-1 KiB where ``/usr/bin/time`` is missing).
 - :class:`LoopFs` makes a sparse image file, ``mkfs``, ``mount -o loop``, and always tears it
   down (everything mounted below it first, then the loop mount; the image file is deleted).
 - :func:`summarize` / :func:`markdown` turn samples into median, min-max and ratio rows.
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 INNER = "GDBENCH-INNER"
+GNU_TIME = "/usr/bin/time"
 
 
 class StepError(RuntimeError):
@@ -71,14 +73,20 @@ def timed(
 
     stdout goes to ``stdout_path`` (or a temp file); stderr is kept for the error message. A
     ``GDBENCH-INNER <seconds>`` line on stdout becomes :attr:`Timing.inner`.
+
+    CPU times come from ``wait4`` (they include the command's own children). The peak RSS comes
+    from GNU time (``/usr/bin/time -f %M``) run in between: the ``ru_maxrss`` that ``wait4``
+    reports for a child of this (large) Python process keeps the high-water mark of the address
+    space it was forked from, so every command would show this process's size.
     """
     out = open(stdout_path, "w+b") if stdout_path else tempfile.TemporaryFile()  # noqa: SIM115
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as rss:
+        wrapped = (
+            [GNU_TIME, "-f", "%M", "-o", rss.name, *argv] if os.access(GNU_TIME, os.X_OK) else list(argv)
+        )
         try:
             start = time.perf_counter()
-            proc = subprocess.Popen(
-                list(argv), stdout=out, stderr=err, env=dict(env) if env else None, cwd=cwd
-            )
+            proc = subprocess.Popen(wrapped, stdout=out, stderr=err, env=dict(env) if env else None, cwd=cwd)
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - start
             proc.returncode = os.waitstatus_to_exitcode(status)
@@ -93,7 +101,9 @@ def timed(
             err.seek(0)
             tail = err.read()[-2000:].decode(errors="replace")
             raise StepError(f"exit {proc.returncode}: {' '.join(argv)}\n{tail}")
-    return Timing(wall, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, inner)
+        lines = [ln for ln in rss.read().split() if ln.isdigit()]
+        maxrss = int(lines[-1]) if wrapped[0] == GNU_TIME and lines else -1
+    return Timing(wall, usage.ru_utime, usage.ru_stime, maxrss, inner)
 
 
 def run(argv: Sequence[str], *, env: Mapping[str, str] | None = None, capture: bool = False) -> str:
@@ -272,8 +282,9 @@ def markdown(rows: Sequence[Row], baselines: Mapping[str, Sequence[str]]) -> str
         else:
             ratio = ", ".join(f"{v:.2f}x {b}" for b, v in r.ratios.items()) or "-"
         star = "*" if r.inner else ""
+        rss = "n/a" if r.maxrss_mib < 0 else f"{r.maxrss_mib:.1f} MiB"
         lines.append(
             f"| {r.operation} | {r.tool}{star} | {secs(r.value)} | {secs(r.value_min)}-{secs(r.value_max)} | "
-            f"{secs(r.user)} | {secs(r.sys)} | {r.maxrss_mib:.0f} MiB | {ratio} | {r.note} |"
+            f"{secs(r.user)} | {secs(r.sys)} | {rss} | {ratio} | {r.note} |"
         )
     return "\n".join(lines)

@@ -374,35 +374,38 @@ def umoci_unpack(oci: Callable[[Env], str], ref: str, report: str) -> Scenario:
 # -- graphdriver -----------------------------------------------------------------------------------
 
 
+_APPLY_MODES = {
+    "lib": ("apply", "create + apply_diff per layer, one process"),
+    "store": ("store-import", "LayerStore.import_layer per layer (digests, tar-split, syncfs)"),
+    "stack": ("store-import-stack", "LayerStore.import_layers: the layers applied in parallel processes"),
+}
+
+
 def gd_lib_apply(
     driver: str,
     layers: Callable[[Env], list[str]],
     report: str,
     *,
     fstype: str = "ext4",
-    store: bool = False,
+    mode: str = "lib",
     verify: bool = True,
 ) -> Scenario:
-    """The library applying the layers in one process (driver create + apply_diff, or the layer
-    store's import_layer with ``store``)."""
+    """The library applying the layers in one process: driver create + apply_diff (``lib``), the
+    layer store's import_layer per layer (``store``) or its import_layers of the stack (``stack``)."""
+    command, note = _APPLY_MODES[mode]
 
     def steps(ws: Workspace) -> StepGen:
-        yield Step(
-            "chain", ws.lib(driver, "store-import" if store else "apply", *layers(ws.env)), report, gd=True
-        )
+        yield Step("chain", ws.lib(driver, command, *layers(ws.env)), report, gd=True)
         ws.footprint(report)
 
-    kind = "store" if store else "lib"
     return Scenario(
-        tool=f"gd-{kind}-{driver}",
+        tool=f"gd-{mode}-{driver}",
         steps=steps,
         fstype=fstype,
-        verify=gd_verify(driver) if verify and not store else None,
+        verify=gd_verify(driver) if verify and mode == "lib" else None,
         teardown=gd_teardown(driver),
         needs=(f"driver:{driver}@{fstype}",),
-        note="LayerStore.import_layer per layer (digests, tar-split, syncfs)"
-        if store
-        else "create + apply_diff per layer, one process",
+        note=note,
     )
 
 
@@ -629,6 +632,7 @@ def child(driver: str, fstype: str) -> Scenario:
 
 def deep_create_mount(tool: str) -> Scenario:
     """A container on the 200-layer image: create + mount (200 lower dirs on overlay)."""
+
     def deep(env: Env) -> list[str]:
         return deep_layers(env.inputs)
 
@@ -717,7 +721,8 @@ def groups() -> list[Group]:
                 cs_import("vfs", raw, "apply"),
                 gd_lib_apply("overlay2", raw, "apply"),
                 gd_lib_apply("vfs", raw, "apply"),
-                gd_lib_apply("overlay2", raw, "apply", store=True),
+                gd_lib_apply("overlay2", raw, "apply", mode="store"),
+                gd_lib_apply("overlay2", raw, "apply", mode="stack"),
                 gd_cli_apply("overlay2", raw, "apply"),
             ],
             quick=True,
@@ -733,7 +738,8 @@ def groups() -> list[Group]:
                 cs_import("vfs", gz, "apply-gz"),
                 gd_lib_apply("overlay2", gz, "apply-gz"),
                 gd_lib_apply("vfs", gz, "apply-gz"),
-                gd_lib_apply("overlay2", gz, "apply-gz", store=True),
+                gd_lib_apply("overlay2", gz, "apply-gz", mode="store"),
+                gd_lib_apply("overlay2", gz, "apply-gz", mode="stack"),
             ],
         ),
         Group(
@@ -827,6 +833,7 @@ def groups() -> list[Group]:
                 tar_extract("gnutar", deep, "deep-apply"),
                 cs_import("overlay", deep, "deep-apply"),
                 gd_lib_apply("overlay2", deep, "deep-apply", verify=False),
+                gd_lib_apply("overlay2", deep, "deep-apply", mode="stack"),
             ],
         ),
         Group(
@@ -866,7 +873,7 @@ def groups() -> list[Group]:
                 cs_import("vfs", wide, "wide-apply"),
                 gd_lib_apply("overlay2", wide, "wide-apply", verify=False),
                 gd_lib_apply("vfs", wide, "wide-apply", verify=False),
-                gd_lib_apply("overlay2", wide, "wide-apply", store=True),
+                gd_lib_apply("overlay2", wide, "wide-apply", mode="store"),
             ],
         ),
     ]
@@ -883,6 +890,7 @@ def probe_tools() -> dict[str, str]:
         "mkfs.xfs": "xfsprogs",
         "mkfs.btrfs": "btrfs-progs",
         "fuse-overlayfs": "fuse-overlayfs",
+        "time": "time",
     }
     return {
         f"tool:{name}": "ok" if shutil.which(name) else f"{name} is not installed (apt-get install {pkg})"

@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -237,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if os.geteuid() != 0:
         sys.exit("bench: needs root (loop mounts, mkfs, chown)")
+    # stop cleanly (unmounting what the current run mounted) on Ctrl-C and on kill, also when
+    # started in the background, where the shell leaves SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     image = os.path.abspath(args.image)
     ensure_image(image, args.shared)
     expected = os.path.join(os.path.dirname(image), "src", "rootfs-l3")
@@ -269,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 plan.append((g, sc))
     for (gname, tool), why in skipped.items():
         print(f"bench: skipping {gname}:{tool}: {why}", flush=True)
+    if env.probe.get("tool:time") != "ok":
+        print(f"bench: no peak RSS figures: {env.probe.get('tool:time')}", flush=True)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     samples: dict[tuple[str, str], list[Sample]] = {}

@@ -45,8 +45,7 @@ import re
 import sys
 import tempfile
 import time
-import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,7 @@ _mods: dict[str, Any] = {}
 def _load(instrument: bool) -> None:
     """Import the code under test (instrumented for coverage when ``instrument``)."""
     if instrument:
-        import atheris  # type: ignore[import-not-found, unused-ignore]
+        import atheris  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
         with atheris.instrument_imports(include=["graphdriver"]):
             _import_targets()
@@ -211,12 +210,15 @@ _PAX_SIZE = re.compile(rb"\d+ size=([^\n]*)\n")
 def known_store_bug(data: bytes) -> str | None:
     """Why an input is not imported through the store: it would hit a known, reported bug that
     hangs the process instead of failing (so that the fuzzer can look for others). Empty this
-    when the bug is fixed; tests/reliability/test_fuzz.py holds the regression test."""
+    when the bug is fixed; tests/reliability/test_fuzz.py holds the regression tests."""
     unwrapped = _unwrap(data)
     tar = unwrapped[1] if unwrapped is not None else data
     for match in _PAX_SIZE.finditer(tar):
         if not match.group(1).isdigit():
             return "tarsplit: a PAX size that is not a plain decimal (e.g. -1) loops forever in _varint"
+    for off in range(0, len(tar) - 511, 512):
+        if tar[off + 124 : off + 136].split(b"\0", 1)[0].strip(b" ").startswith((b"-", b"+", b"_")):
+            return "tarsplit: a signed octal size field (e.g. -000001) loops forever in _varint"
     return None
 
 
@@ -451,7 +453,7 @@ def mutate_tar(data: bytes, rng: random.Random, others: list[bytes] | None = Non
             _fix(pax, records, size=True)
             members.insert(i, (pax, records))
             continue
-        elif op == 2 and header[156:157] in (b"x", b"g", b"L", b"K"):  # rewrite a meta header's body
+        elif op == 2 and bytes(header[156:157]) in (b"x", b"g", b"L", b"K"):  # rewrite a meta header's body
             body = b"".join(_pax_record(rng.choice(_PAX)) for _ in range(rng.randint(1, 3)))
             fix_size = True
         elif op == 3:
@@ -518,7 +520,7 @@ def _save_crash(artifacts: Path, data: bytes) -> Path:
 
 
 def run_atheris(harness: Harness, libfuzzer_args: list[str]) -> None:
-    import atheris
+    import atheris  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     seen: list[bytes] = []
 
@@ -531,10 +533,7 @@ def run_atheris(harness: Harness, libfuzzer_args: list[str]) -> None:
             seen.append(bytes(data))
         elif data and rng.random() < 0.05:
             seen[rng.randrange(len(seen))] = bytes(data)
-        if rng.random() < 0.4:
-            out = atheris.Mutate(data, max_size)
-        else:
-            out = mutate(bytes(data), rng, seen)
+        out = atheris.Mutate(data, max_size) if rng.random() < 0.4 else mutate(bytes(data), rng, seen)
         return bytes(out[:max_size])
 
     atheris.Setup([sys.argv[0], *libfuzzer_args], test_one, custom_mutator=custom_mutator)
@@ -548,7 +547,7 @@ def run_hypothesis(harness: Harness, seconds: float, seed: int, seeds: list[byte
 
     @st.composite
     def inputs(draw: Any) -> bytes:
-        data = draw(st.sampled_from(seeds))
+        data: bytes = draw(st.sampled_from(seeds))
         rng = random.Random(draw(st.integers(0, 2**32 - 1)))
         for _ in range(draw(st.integers(1, 4))):
             data = mutate(data, rng, seeds)
@@ -603,7 +602,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="hypothesis: how long to run")
     ap.add_argument("--seed", type=int, default=0, help="hypothesis: the seed of the run")
     ap.add_argument("--batch", type=int, default=64, help="inputs between two oracle runs")
-    ap.add_argument("--store-every", type=int, default=16, help="import every Nth input through a store (0: never)")
+    ap.add_argument(
+        "--store-every", type=int, default=16, help="import every Nth input through a store (0: never)"
+    )
     ap.add_argument("--no-sandbox", action="store_true", help="do not enter a private read-only namespace")
     ap.add_argument("paths", nargs="*", type=Path, help="replay: inputs; hypothesis: seed corpus dirs")
     args = ap.parse_args(own)
@@ -621,7 +622,8 @@ def main(argv: list[str]) -> int:
         dirs = [Path(a) for a in rest if not a.startswith("-")]
         if dirs:
             writable.append(dirs[0].resolve())  # libFuzzer adds new inputs to the first corpus dir
-        writable += [Path(a.split("=", 1)[1]).resolve().parent for a in rest if a.startswith("-artifact_prefix=")]
+        prefixes = [a.split("=", 1)[1] for a in rest if a.startswith("-artifact_prefix=")]
+        writable += [Path(p).resolve().parent for p in prefixes]
         enter_sandbox([p for p in writable if p.is_dir()], [base / "dest", base / "store"])
     if args.engine == "atheris" and not any(a.startswith("-artifact_prefix=") for a in rest):
         rest.append(f"-artifact_prefix={artifacts}/")

@@ -148,8 +148,9 @@ def malformed() -> bytes:
 
 
 def old_style() -> bytes:
-    v7 = bytearray(encode_header(Header(name=b"v7file", size=3, typeflag=b"\0", magic=b"\0" * 6, version=b"\0\0")))
-    return bytes(v7) + b"abc" + bytes(509) + encode_header(Header(name=b"olddir/", typeflag=b"\0")) + bytes(1024)
+    v7 = encode_header(Header(name=b"v7file", size=3, typeflag=b"\0", magic=b"\0" * 6, version=b"\0\0"))
+    olddir = encode_header(Header(name=b"olddir/", typeflag=b"\0"))
+    return v7 + b"abc" + bytes(509) + olddir + bytes(1024)
 
 
 def gnu_tar() -> bytes:
@@ -160,12 +161,18 @@ def gnu_tar() -> bytes:
         (src / "dir/link").symlink_to("sub/file")
         return subprocess.run(
             [
-                "tar", "--format=pax", "--numeric-owner", "--owner=0", "--group=0", "--sort=name",
-                "--mtime=@1700000000", "--pax-option=delete=atime,delete=ctime", "-C", str(src), "-cf", "-", ".",
+                *("tar", "--format=pax", "--numeric-owner", "--owner=0", "--group=0", "--sort=name"),
+                *("--mtime=@1700000000", "--pax-option=delete=atime,delete=ctime"),
+                *("-C", str(src), "-cf", "-", "."),
             ],
             check=True,
             capture_output=True,
         ).stdout
+
+
+def multi_member() -> bytes:
+    tar = basic()
+    return gzip.compress(tar[:1024], mtime=0) + gzip.compress(tar[1024:], mtime=0)
 
 
 SEEDS: dict[str, Callable[[], bytes]] = {
@@ -185,7 +192,7 @@ SEEDS: dict[str, Callable[[], bytes]] = {
     "whiteouts.tar.zst": lambda: compress(whiteouts(), "zstd"),
     "encodings.tar.bz2": lambda: compress(encodings(), "bzip2"),
     "devices.tar.xz": lambda: compress(devices(), "xz"),
-    "multi-member.tar.gz": lambda: gzip.compress(basic()[:1024], mtime=0) + gzip.compress(basic()[1024:], mtime=0),
+    "multi-member.tar.gz": multi_member,
     "hostile-links.tar.gz": lambda: compress(hostile_links(), "gzip"),
 }
 

@@ -23,7 +23,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -169,8 +169,7 @@ def store_files(root: Path) -> dict[str, tuple[object, ...]]:
             out[rel] = _describe(full)
     for rel in _DB_FILES:
         out.pop(rel, None)
-    if "." in out:
-        del out["."]
+    out.pop(".", None)
     return out
 
 
@@ -222,8 +221,9 @@ def _dir_only_gained_marker(rel: str, before: Capture, after: Capture) -> bool:
     old, new = before.files[rel], after.files[rel]
     if old[0] != "dir" or new[0] != "dir" or old[:4] != new[:4]:
         return False
-    gained = set(new[4]) - set(old[4])  # type: ignore[arg-type]
-    lost = set(old[4]) - set(new[4])  # type: ignore[arg-type]
+    old_names, new_names = cast(tuple[str, ...], old[4]), cast(tuple[str, ...], new[4])
+    gained = set(new_names) - set(old_names)
+    lost = set(old_names) - set(new_names)
     return not lost and gained <= {"committed"} and all(
         _committed_marker(f"{rel}/{g}", before) for g in gained
     )

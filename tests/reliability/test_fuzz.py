@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from graphdriver.testing.sentinel import Sentinel
+from graphdriver.testing.tarbuild import TarBuilder
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "fuzz" / "fuzz_apply.py"
@@ -34,13 +35,15 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the harness applies l
 
 def has_atheris() -> bool:
     try:
-        import atheris  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+        import atheris  # type: ignore[import-not-found, import-untyped, unused-ignore]  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-def run_harness(work: Path, args: list[str], timeout: float) -> tuple[subprocess.CompletedProcess[str], Sentinel]:
+def run_harness(
+    work: Path, args: list[str], timeout: float
+) -> tuple[subprocess.CompletedProcess[str], Sentinel]:
     base = work / "base"
     base.mkdir(parents=True)
     sentinel = Sentinel(base, exclude=("dest", "store"))
@@ -74,20 +77,28 @@ def test_corpus_replays_cleanly(tmp_path: Path) -> None:
     assert f"'inputs': {len(seeds)}" in proc.stderr
 
 
-def fuzz_seconds(engine: str, request: pytest.FixtureRequest) -> float:
-    slow = "slow" in (request.config.getoption("-m") or "")
-    if slow:
-        return 300
+def ci_seconds(engine: str) -> float:
     if engine == "atheris":
         return 25
     return 5 if has_atheris() else 25
 
 
 @pytest.mark.parametrize("engine", ["atheris", "hypothesis"])
-def test_bounded_fuzz_run(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_bounded_fuzz_run(engine: str, tmp_path: Path) -> None:
+    fuzz(engine, ci_seconds(engine), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["atheris", "hypothesis"])
+def test_long_fuzz_run(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("the five-minute runs: select them with -m slow")
+    fuzz(engine, 300, tmp_path)
+
+
+def fuzz(engine: str, seconds: float, tmp_path: Path) -> None:
     if engine == "atheris" and not has_atheris():
         pytest.skip("atheris is not installed (pip install atheris): the hypothesis engine runs instead")
-    seconds = fuzz_seconds(engine, request)
     if engine == "atheris":
         new = tmp_path / "new-corpus"
         new.mkdir()
@@ -133,16 +144,16 @@ with LayerStore.open(sys.argv[1], "vfs") as store:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layers/tarsplit.py Recorder: a PAX size record that is not a plain decimal (size=-1)"
-    " reaches _varint(-1), which never ends (CPU and memory grow until MemoryError)",
-)
-@pytest.mark.parametrize("size", ["-1", "-4096"])
-def test_store_import_of_a_bad_pax_size_fails_fast(size: str, tmp_path: Path, arena: Any) -> None:
-    from graphdriver.testing.tarbuild import TarBuilder
+NEGATIVE_SIZES = {
+    "pax-size-minus-1": lambda: TarBuilder().file("f", b"x", pax={"size": "-1"}).build(),
+    "pax-size-minus-4096": lambda: TarBuilder().file("f", b"x", pax={"size": "-4096"}).build(),
+    "octal-size-minus-1": lambda: TarBuilder().file("f", b"", raw={"size": b"-000001\0"}).build(),
+}
 
-    blob = TarBuilder().file("f", b"x", pax={"size": size}).build()
+
+@pytest.mark.parametrize("shape", sorted(NEGATIVE_SIZES))
+def test_store_import_of_a_negative_size_fails_fast(shape: str, tmp_path: Path, arena: Any) -> None:
+    blob = NEGATIVE_SIZES[shape]()
     try:
         proc = subprocess.run(
             [sys.executable, "-c", IMPORT_ONE, str(arena.root)],

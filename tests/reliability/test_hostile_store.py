@@ -173,7 +173,9 @@ LOWER_PATHS = (
 
 CASES: dict[str, Case] = {
     # --- moby go-archive breakouts: names and hard links that climb out are refused ---------
-    "moby-dotdot-file": Case("moby", tar(TarBuilder().file("../victim/dotdot", b"x")), BreakoutError, "climbs"),
+    "moby-dotdot-file": Case(
+        "moby", tar(TarBuilder().file("../victim/dotdot", b"x")), BreakoutError, "climbs"
+    ),
     "moby-escape-to-sentinel-file": Case(
         "moby", lambda c: TarBuilder().file(c.esc + "/victim/pwned", b"x").build(), BreakoutError, "climbs"
     ),
@@ -387,7 +389,9 @@ CASES: dict[str, Case] = {
         LimitExceeded,
         "1048576",
     ),
-    "negative-size": Case("malformed", tar(TarBuilder().file("f", raw={"size": -1})), InvalidArchive, "negative"),
+    "negative-size": Case(
+        "malformed", tar(TarBuilder().file("f", raw={"size": -1})), InvalidArchive, "negative"
+    ),
     "uid-above-uint32": Case(
         "malformed", tar(TarBuilder().file("f", raw={"uid": 2**32})), InvalidArchive, "uid"
     ),

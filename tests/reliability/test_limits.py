@@ -147,6 +147,7 @@ def refused_cleanly(
     arena: Any,
     rk: Any,
     blob: bytes,
+    *,
     error: type[GraphDriverError],
     match: str,
     limits: Limits | None = None,
@@ -167,7 +168,7 @@ def test_limit_through_the_store(name: str, driver_name: str, arena: Any, rk: An
     case = CASES[name]
     blob = compress(case.tar(), case.compression)  # type: ignore[arg-type]
     with LayerStore.open(arena.root, driver_name) as store:
-        refused_cleanly(store, arena, rk, blob, LimitExceeded, case.match, case.limits)
+        refused_cleanly(store, arena, rk, blob, error=LimitExceeded, match=case.match, limits=case.limits)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.limits is not None))
@@ -256,4 +257,5 @@ SPARSE = {
 def test_sparse_members_are_refused(name: str, driver_name: str, arena: Any, rk: Any, tmp_path: Path) -> None:
     blob = SPARSE[name](tmp_path)
     with LayerStore.open(arena.root, driver_name) as store:
-        refused_cleanly(store, arena, rk, gzip.compress(blob, mtime=0), InvalidArchive, "sparse files")
+        blob = gzip.compress(blob, mtime=0)
+        refused_cleanly(store, arena, rk, blob, error=InvalidArchive, match="sparse files")

@@ -27,6 +27,15 @@ def overwrite(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def relink(path: Path, target: str) -> None:
+    os.unlink(path)
+    os.symlink(target, path)
+
+
 DAMAGE: dict[str, Callable[[Sentinel], None]] = {
     "overwrite-same-size": lambda s: overwrite(s.victim / "hello", s.hello.upper()),
     "chmod-to-the-same-mode": lambda s: os.chmod(s.victim / "hello", 0o400),
@@ -34,10 +43,10 @@ DAMAGE: dict[str, Callable[[Sentinel], None]] = {
     "utime": lambda s: os.utime(s.victim / "dir", ns=(1, 1)),
     "xattr": lambda s: os.setxattr(s.victim / "hello", "user.x", b"1"),
     "hardlink-into-root": lambda s: os.link(s.victim / "hello", s.base / "root/grab"),
-    "new-file-next-to-root": lambda s: (s.base / "planted").write_bytes(b"x"),
-    "new-file-in-victim": lambda s: (s.victim / "new").write_bytes(b"x"),
+    "new-file-next-to-root": lambda s: write(s.base / "planted", b"x"),
+    "new-file-in-victim": lambda s: write(s.victim / "new", b"x"),
     "unlink-symlink": lambda s: os.unlink(s.victim / "link"),
-    "replace-symlink-target": lambda s: (os.unlink(s.victim / "link"), os.symlink("dir", s.victim / "link")),
+    "replace-symlink-target": lambda s: relink(s.victim / "link", "dir"),
     "remove-fifo": lambda s: os.unlink(s.victim / "fifo"),
     "sibling-secret-changed": lambda s: overwrite(s.evil / "secret", b"!"),
 }

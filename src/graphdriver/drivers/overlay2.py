@@ -604,3 +604,41 @@ class Overlay2Driver(Driver):
         apply_layer(diff, tar, whiteout_format=WhiteoutFormat.OVERLAY)
         diff, changes = self._native_changes(id)
         return changes_size(diff, changes)
+
+    # -- applying the layers of one stack at the same time (LayerStore.import_layers) -------------
+
+    def applies_alone(self, id: str, parent: str | None) -> bool:
+        """Whether :meth:`apply_diff` of ``id`` on ``parent`` writes only ``id``'s own ``diff/``
+        and reads nothing of any other layer: a layer without a parent, or the native path. Then
+        the layers of one stack can be applied at the same time with :meth:`apply_unmeasured`,
+        and measured with :meth:`applied_size` once they all are."""
+        parent = validate_parent(parent)
+        if self._counter.count(id) > 0:
+            return False
+        if parent is None:
+            return self.parent_of(id) is None
+        return self.native_diff_reason(id, parent) is None
+
+    def apply_unmeasured(self, id: str, parent: str | None, tar: BinaryIO) -> None:
+        """:meth:`apply_diff` without its size (which reads the lower layers): only where
+        :meth:`applies_alone` holds."""
+        parent = validate_parent(parent)
+        if not self.applies_alone(id, parent):
+            raise InvalidArgument(f"overlay2: layer {id} cannot be applied apart from its parent")
+        from graphdriver.archive.apply import apply_layer
+
+        diff = self._require(id) / "diff"
+        if parent is None:
+            apply_layer(diff, tar)  # as Driver.apply_diff does through get(), which is diff/
+        else:
+            apply_layer(diff, tar, whiteout_format=WhiteoutFormat.OVERLAY)
+
+    def applied_size(self, id: str, parent: str | None) -> int:
+        """What :meth:`apply_diff` returns for the layer as it is now (its lower layers complete)."""
+        parent = validate_parent(parent)
+        from graphdriver.archive.changes import changes_size, tree_size
+
+        if parent is None:
+            return tree_size(self._require(id) / "diff")
+        diff, changes = self._native_changes(id)
+        return changes_size(diff, changes)

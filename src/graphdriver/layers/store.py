@@ -57,7 +57,7 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +88,7 @@ if TYPE_CHECKING:
     from graphdriver.layers.check import CheckReport
     from graphdriver.layers.recovery import RecoveryReport
 
-__all__ = ["DiskUsage", "LayerStore"]
+__all__ = ["DiskUsage", "LayerBlob", "LayerStore"]
 
 DB_NAME = "layers.db"
 LOCKS_DIR = "locks"
@@ -137,6 +137,27 @@ class DiskUsage:
 
     def to_json(self) -> dict[str, int]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """One layer of :meth:`LayerStore.import_layers`: an open blob and what it must hash to
+    (as :meth:`LayerStore.import_layer`'s ``expected_*`` arguments)."""
+
+    blob: BinaryIO
+    diff_id: str | None = None
+    digest: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """What a worker of :meth:`LayerStore.import_layers` measured while applying one blob."""
+
+    diff_id: str
+    digest: str
+    size: int
+    uncompressed_size: int
 
 
 class _VerifiedStream(io.RawIOBase):
@@ -555,6 +576,267 @@ class LayerStore:
             return self.get(layer_id)
         finally:
             lock.release(unlink=True)
+
+    def import_layers(
+        self,
+        blobs: Sequence[LayerBlob],
+        parent: str | None = None,
+        *,
+        limits: Limits | None = None,
+        workers: int | None = None,
+    ) -> list[Layer]:
+        """Import a stack of layer blobs, each on the previous one (the first on ``parent``): the
+        same layers, records and errors as :meth:`import_layer` called for each in turn.
+
+        When every blob has its ``diff_id`` and the driver applies each layer into its own
+        directory without reading the others (overlay2's native path, ``applies_alone``), the
+        blobs are applied at the same time in up to ``workers`` forked processes (default: the
+        CPU count), then measured, synced once and committed bottom-up. Layers whose chain ID is
+        stored already are reused and not read. Otherwise this is the loop over
+        :meth:`import_layer`. On any failure nothing of this call is left behind.
+        """
+        limits = limits or Limits()
+        for spec in blobs:
+            for d in (spec.diff_id, spec.digest):
+                if d is not None:
+                    validate_digest(d)
+        with self.db.read() as txn:
+            parent_layer = None if parent is None else self._resolve(txn, parent)
+        applies_alone = getattr(self.driver, "apply_unmeasured", None) and getattr(
+            self.driver, "applies_alone", None
+        )
+        workers = workers or os.cpu_count() or 1
+        chains: list[str] = []
+        if all(b.diff_id for b in blobs) and (parent_layer is None or parent_layer.chain_id is not None):
+            below = None if parent_layer is None else parent_layer.chain_id
+            for spec in blobs:
+                below = chain_id(below, cast(str, spec.diff_id))
+                chains.append(below)
+        if not applies_alone or workers < 2 or len(blobs) < 2 or len(chains) != len(blobs):
+            return self._import_one_by_one(blobs, parent, limits)
+        with ExitStack() as stack:
+            for chain in chains:  # bottom-up, as every import takes them
+                stack.enter_context(self.locks.holding(self.locks.chain(chain), unlink=True))
+            done: list[Layer] = []
+            for chain in chains:
+                existing = self._existing_chain(chain, ())
+                if existing is None:
+                    break
+                done.append(existing)
+            below_layer = done[-1] if done else parent_layer
+            todo = list(blobs[len(done) :])
+            if len(todo) < 2:
+                below_id = None if below_layer is None else below_layer.id
+                return done + self._import_one_by_one(
+                    todo, below_id, limits, locked_chains=chains[len(done) :]
+                )
+            return done + self._build_stack(todo, chains[len(done) :], below_layer, limits, workers)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _import_one_by_one(
+        self,
+        blobs: Sequence[LayerBlob],
+        parent: str | None,
+        limits: Limits,
+        *,
+        locked_chains: Sequence[str] | None = None,
+    ) -> list[Layer]:
+        """:meth:`import_layer` for each blob in turn; on a failure the layers this call added
+        are removed again (best effort). With ``locked_chains`` (the blobs' chain IDs) the caller
+        holds those chain locks, which an import must not take again, and no layer exists yet."""
+        before = set() if locked_chains is not None else {la.id for la in self.layers()}
+        out: list[Layer] = []
+        try:
+            for k, spec in enumerate(blobs):
+                below = out[-1].id if out else parent
+                if locked_chains is not None:
+                    with self.db.read() as txn:
+                        below_layer = None if below is None else self._resolve(txn, below)
+                    layer = self._build_import(
+                        spec.blob,
+                        below_layer,
+                        locked_chains[k],
+                        expected_diff_id=spec.diff_id,
+                        expected_digest=spec.digest,
+                        expected_size=spec.size,
+                        names=(),
+                        limits=limits,
+                    )
+                else:
+                    layer = self.import_layer(
+                        spec.blob,
+                        below,
+                        expected_diff_id=spec.diff_id,
+                        expected_digest=spec.digest,
+                        expected_size=spec.size,
+                        limits=limits,
+                    )
+                out.append(layer)
+        except BaseException:
+            for layer in reversed(out):
+                if layer.id not in before:
+                    try:
+                        self.remove(layer.id)
+                    except (OSError, GraphDriverError):
+                        pass  # in use meanwhile by another import: it stays
+            raise
+        return out
+
+    def _build_stack(
+        self, blobs: list[LayerBlob], chains: list[str], below: Layer | None, limits: Limits, workers: int
+    ) -> list[Layer]:
+        """:meth:`import_layers` once the chain locks are held and nothing of ``blobs`` is stored."""
+        ids = [new_layer_id() for _ in blobs]
+        parents = [None if below is None else below.id, *ids[:-1]]
+        locks = [self.locks.layer(i) for i in ids]
+        recorded: list[str] = []
+        try:
+            for layer_id, lock, parent_id in zip(ids, locks, parents, strict=True):
+                lock.acquire()
+                with self.write() as txn:
+                    # Txn.insert wants a complete parent; this one is still being built by this
+                    # call (incomplete, its lock held), so the parent link is set right after.
+                    # Recovery removes a crashed stack deepest first by these links.
+                    txn.insert(layer_id, None, LayerKind.IMAGE)
+                    if parent_id is not None:
+                        txn.conn.execute("UPDATE layers SET parent = ? WHERE id = ?", (parent_id, layer_id))
+                recorded.append(layer_id)
+            with ExitStack() as stack:
+                if below is not None:
+                    stack.enter_context(self.layer_locked(below.id, shared=True))
+                for layer_id, parent_id in zip(ids, parents, strict=True):
+                    self.driver.create(layer_id, parent_id)
+                alone = self.driver.applies_alone  # type: ignore[attr-defined]
+                if all(alone(i, p) for i, p in zip(ids, parents, strict=True)):
+                    applied = self._apply_in_workers(blobs, ids, parents, limits, workers)
+                else:
+                    applied = [
+                        self._apply_here(spec, i, p, limits, measure=False)
+                        for spec, i, p in zip(blobs, ids, parents, strict=True)
+                    ]
+                for spec, got in zip(blobs, applied, strict=True):
+                    if got.diff_id != spec.diff_id:
+                        raise DigestMismatch(
+                            f"layer diff ID mismatch: expected {spec.diff_id},"
+                            f" the uncompressed tar is {got.diff_id}"
+                        )
+                    if spec.digest is not None and got.digest != spec.digest:
+                        raise DigestMismatch(
+                            f"layer blob digest mismatch: expected {spec.digest}, got {got.digest}"
+                        )
+                    if spec.size is not None and got.size != spec.size:
+                        raise DigestMismatch(
+                            f"layer blob size mismatch: expected {spec.size} bytes, got {got.size}"
+                        )
+                measure = getattr(self.driver, "applied_size", None)
+                sizes = [
+                    measure(i, p) if measure else self.driver.diff_size(i, p)
+                    for i, p in zip(ids, parents, strict=True)
+                ]
+                syncfs(self.driver.home)
+                for layer_id, chain, got, size in zip(ids, chains, applied, sizes, strict=True):
+                    with self.write() as txn:
+                        txn.complete(
+                            layer_id,
+                            size=size,
+                            chain_id=chain,
+                            diff_id=got.diff_id,
+                            compressed_digest=got.digest,
+                            compressed_size=got.size,
+                            uncompressed_size=got.uncompressed_size,
+                        )
+            return [self.get(i) for i in ids]
+        except BaseException:
+            for layer_id in reversed(recorded):
+                self._discard(layer_id)
+            raise
+        finally:
+            for lock in locks:
+                lock.release(unlink=True)
+
+    def _apply_here(
+        self, spec: LayerBlob, layer_id: str, parent_id: str | None, limits: Limits, *, measure: bool
+    ) -> _Applied:
+        """One blob through the digests, the decompressor and the tar-split recorder into the
+        driver: ``apply_diff``, or with ``measure=False`` the driver's ``apply_unmeasured``."""
+        from graphdriver.archive.compression import DigestReader, drain, open_decompressed
+
+        with _SplitWriter(self.tarsplit_path(layer_id)) as split:
+            compressed = DigestReader(spec.blob, algorithm(spec.digest) if spec.digest else "sha256")
+            with open_decompressed(cast(BinaryIO, compressed), limits) as tar:
+                tar_digest = DigestReader(
+                    cast(BinaryIO, TeeReader(tar, split.recorder)),
+                    algorithm(spec.diff_id) if spec.diff_id else "sha256",
+                )
+                if measure:
+                    self.driver.apply_diff(layer_id, parent_id, cast(BinaryIO, tar_digest))
+                else:
+                    self.driver.apply_unmeasured(  # type: ignore[attr-defined]
+                        layer_id, parent_id, cast(BinaryIO, tar_digest)
+                    )
+                drain(cast(BinaryIO, tar_digest))
+            drain(cast(BinaryIO, compressed))
+            split.finish()
+        return _Applied(
+            str(tar_digest.digest), str(compressed.digest), int(compressed.size), int(tar_digest.size)
+        )
+
+    def _apply_in_workers(
+        self, blobs: list[LayerBlob], ids: list[str], parents: list[str | None], limits: Limits, workers: int
+    ) -> list[_Applied]:
+        """Apply each blob in a forked process of its own, at most ``workers`` at a time. A worker
+        touches only its layer's directory and tar-split file (never the database) and sends back
+        its :class:`_Applied` or its exception, pickled; the first failure (bottom-up) is raised
+        once every worker has ended."""
+        import pickle
+
+        results: dict[int, Any] = {}
+        running: dict[int, tuple[int, int]] = {}  # pid -> (index, read fd)
+        pending = list(range(len(blobs)))
+
+        def reap() -> None:
+            pid, _ = os.wait()
+            index, rfd = running.pop(pid)
+            with os.fdopen(rfd, "rb") as r:
+                data = r.read()
+            try:
+                results[index] = pickle.loads(data) if data else OSError(f"layer worker {pid} died")
+            except Exception as exc:  # an exception that does not unpickle
+                results[index] = GraphDriverError(f"layer worker failed: {exc}")
+
+        try:
+            while pending or running:
+                while pending and len(running) < workers:
+                    index = pending.pop(0)
+                    rfd, wfd = os.pipe()
+                    pid = os.fork()
+                    if pid == 0:  # pragma: no cover - runs in the child
+                        os.close(rfd)
+                        code = 0
+                        try:
+                            out: Any = self._apply_here(
+                                blobs[index], ids[index], parents[index], limits, measure=False
+                            )
+                        except BaseException as exc:
+                            out, code = exc, 1
+                        try:
+                            with os.fdopen(wfd, "wb") as w:
+                                try:
+                                    w.write(pickle.dumps(out))
+                                except Exception:
+                                    w.write(pickle.dumps(GraphDriverError(f"{type(out).__name__}: {out}")))
+                        finally:
+                            os._exit(code)
+                    os.close(wfd)
+                    running[pid] = (index, rfd)
+                reap()
+        finally:
+            while running:
+                reap()
+        for index in range(len(blobs)):
+            if isinstance(results[index], BaseException):
+                raise results[index]
+        return [results[i] for i in range(len(blobs))]
 
     def _discard(self, layer_id: str) -> None:
         """Undo a failed build (best effort: whatever is left is recovery's)."""

@@ -71,6 +71,8 @@ def _number(field: bytes) -> int | None:
     text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
+    if not text.isdigit():  # int(..., 8) would accept "-1", "+1", "0o1", "1_0": not tar numbers
+        return None
     try:
         return int(text, 8)
     except ValueError:
@@ -231,11 +233,11 @@ class Recorder:
                 if b"path" in records:
                     self._pax_path = records[b"path"]
                 if b"size" in records:
-                    try:
-                        self._pax_size = int(records[b"size"])
-                    except ValueError:
+                    value = records[b"size"]
+                    if not value.isdigit():  # negative or malformed: keep the rest verbatim
                         self._state = _RAW
                         return
+                    self._pax_size = int(value)
         elif self._meta_type == b"L":
             self._long_name = data.rstrip(b"\0")
         self._to_pad()
