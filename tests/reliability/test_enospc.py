@@ -117,7 +117,9 @@ def test_enospc_during_apply(
 ) -> None:
     """The failed import is rolled back at once: the space is free again, the store as before."""
     if driver_name == "vfs":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=DISCARD_BUG))
+        # not strict: whether the discard's metadata write finds room depends on how full the
+        # small filesystem is at that moment, so the bug shows in some runs and not in others
+        request.applymarker(pytest.mark.xfail(strict=False, reason=DISCARD_BUG))
     base = small_fs.path
     sentinel = Sentinel(base, exclude=("store", "filler"))
     blob, digests = big_layer(tmp_path, 3, 8 * MiB)
