@@ -13,7 +13,8 @@ apart from the interpreter's start-up. Commands (driver layer ids ``l1``.. as th
   tar-split, ``syncfs``), as an image import does;
 - ``store-import-stack L1.tar ...``: ``LayerStore.import_layers`` of them all at once (on overlay2
   the layers are applied in parallel processes); their diff IDs are computed first, untimed;
-- ``import-oci SOURCE``: ``ImageStore.import_image(SOURCE)`` (``oci:DIR:REF``); prints the image id;
+- ``import-oci SOURCE [serial]``: ``ImageStore.import_image(SOURCE)`` (``oci:DIR:REF``); prints the
+  image id; ``serial``: with ``parallel_apply=False`` (the layers one after the other);
 - ``rmi REF``: ``ImageStore.rmi`` (the image and its now unused layers);
 - ``create-mount PARENT ID``: ``create(ID, PARENT)`` + ``get(ID)``; prints the path (left mounted);
 - ``changes ID PARENT`` / ``diff-size ID PARENT`` / ``diff ID PARENT OUT``: the driver's methods
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
         with ImageStore.open(a.root, a.driver, options) as images:
             if a.command == "import-oci":
-                image = _timed(lambda: images.import_image(args[0]))
+                parallel = False if args[1:] == ["serial"] else None
+                image = _timed(lambda: images.import_image(args[0], parallel_apply=parallel))
                 print(image.id)
             else:
                 _timed(lambda: images.rmi(args[0]))

@@ -436,12 +436,14 @@ def gd_cli_apply(driver: str, layers: Callable[[Env], list[str]], report: str) -
     )
 
 
-def gd_lib_import_oci(oci: Callable[[Env], str], ref: str, report: str, rmi: str | None) -> Scenario:
+def gd_lib_import_oci(
+    oci: Callable[[Env], str], ref: str, report: str, rmi: str | None, *, serial: bool = False
+) -> Scenario:
     def steps(ws: Workspace) -> StepGen:
         out = ws.scratch_file("image-id")
         yield Step(
             "import",
-            ws.lib("overlay2", "import-oci", f"oci:{oci(ws.env)}:{ref}"),
+            ws.lib("overlay2", "import-oci", f"oci:{oci(ws.env)}:{ref}", *(["serial"] if serial else [])),
             report,
             stdout=out,
             gd=True,
@@ -453,11 +455,13 @@ def gd_lib_import_oci(oci: Callable[[Env], str], ref: str, report: str, rmi: str
             yield Step("rmi", ws.lib("overlay2", "rmi", image_id), rmi, gd=True)
 
     return Scenario(
-        tool="gd-lib-overlay2",
+        tool="gd-lib-overlay2-serial" if serial else "gd-lib-overlay2",
         steps=steps,
         teardown=gd_teardown("overlay2"),
         needs=("driver:overlay2@ext4",),
-        note="ImageStore.import_image; rmi",
+        note="ImageStore.import_image(parallel_apply=False), layers one by one; rmi"
+        if serial
+        else "ImageStore.import_image (layers in parallel where it pays); rmi",
     )
 
 
@@ -666,6 +670,80 @@ def deep_create_mount(tool: str) -> Scenario:
     )
 
 
+# -- pull from a local registry ---------------------------------------------------------------------
+
+PULL_REF = "gz"
+"""the bench image's ref pulled: gzip layers, as registries serve them"""
+
+
+def _registry_dir(env: Env) -> str:
+    """``<work>/inputs/registry``: a docker-registry's storage holding the bench image as
+    ``bench:gz``, pushed once with skopeo from the OCI layout (untimed)."""
+    from pathlib import Path
+
+    from graphdriver.testing.registry_server import registry_server
+
+    work = os.path.join(env.inputs, "registry")
+    stamp = os.path.join(work, "pushed")
+    source = f"oci:{os.path.join(env.image, 'oci')}:{PULL_REF}"
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if f.read().strip() == source:
+                return work
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    policy = os.path.join(work, "policy.json")
+    with open(policy, "w") as f:
+        json.dump({"default": [{"type": "insecureAcceptAnything"}]}, f)
+    with registry_server(Path(work)) as srv:
+        run(["skopeo", "--policy", policy, "copy", "-q", "--dest-tls-verify=false", source,
+             f"docker://{srv.host}/bench:{PULL_REF}"])
+    with open(stamp, "w") as f:
+        f.write(source + "\n")
+    return work
+
+
+def pull_scenario(tool: str) -> Scenario:
+    """A pull of the bench image from a docker-registry on 127.0.0.1 (started untimed, on the
+    storage :func:`_registry_dir` made): graphdriver's CLI with parallel apply on
+    (``gd-cli-overlay2``) or off (``gd-cli-overlay2-serial``), or skopeo into
+    containers-storage's overlay driver (``cs-overlay``)."""
+    from pathlib import Path
+
+    def steps(ws: Workspace) -> StepGen:
+        from graphdriver.testing.registry_server import registry_server
+
+        with registry_server(Path(_registry_dir(ws.env))) as srv:
+            ref = f"{srv.host}/bench:{PULL_REF}"
+            if tool == "cs-overlay":
+                graph, runroot = os.path.join(ws.fs.mnt, "cs"), ws.scratch_file("runroot")
+                dest = f"containers-storage:[overlay@{graph}+{runroot}]{ref}"
+                argv = ["skopeo", "--policy", _policy(ws), "copy", "-q", "--src-tls-verify=false",
+                        f"docker://{ref}", dest]
+                yield Step("pull", argv, "pull")
+            else:
+                switch = "--no-parallel-apply" if tool.endswith("-serial") else "--parallel-apply"
+                yield Step("pull", ws.gd("overlay2", "pull", "--insecure", switch, ref), "pull", gd=True)
+            ws.footprint("pull")
+
+    if tool == "cs-overlay":
+        return Scenario(
+            tool=tool,
+            steps=steps,
+            teardown=cs_teardown("overlay"),
+            needs=("tool:skopeo", "tool:containers-storage", "tool:docker-registry"),
+            note="skopeo copy docker://... containers-storage:[overlay@...]...",
+        )
+    return Scenario(
+        tool=tool,
+        steps=steps,
+        teardown=gd_teardown("overlay2"),
+        needs=("driver:overlay2@ext4", "tool:docker-registry", "tool:skopeo"),
+        note="graphdriver pull --no-parallel-apply" if tool.endswith("-serial") else "graphdriver pull "
+        "--parallel-apply (layers applied in forked workers as they download)",
+    )
+
+
 def command(tool: str, argv: list[str], note: str, gd: bool = False) -> Scenario:
     """A single command with no setup: start-up costs."""
     return Scenario(tool=tool, steps=lambda ws: iter([Step(tool, argv, "startup", gd=gd)]), note=note)
@@ -755,6 +833,7 @@ def groups() -> list[Group]:
                 umoci_unpack(oci, "raw", "import-oci"),
                 skopeo_cs_import(oci, "raw", "import-oci", "rmi"),
                 gd_lib_import_oci(oci, "raw", "import-oci", "rmi"),
+                gd_lib_import_oci(oci, "raw", "import-oci", "rmi", serial=True),
             ],
             quick=True,
         ),
@@ -766,6 +845,23 @@ def groups() -> list[Group]:
                 umoci_unpack(oci, "gz", "import-oci-gz"),
                 skopeo_cs_import(oci, "gz", "import-oci-gz", None),
                 gd_lib_import_oci(oci, "gz", "import-oci-gz", None),
+                gd_lib_import_oci(oci, "gz", "import-oci-gz", None, serial=True),
+            ],
+        ),
+        Group(
+            "pull",
+            "the bench image pulled from a local docker-registry (gzip layers, 86 MB)",
+            [
+                Report(
+                    "pull",
+                    "docker-registry on 127.0.0.1 -> stored image (untimed: the registry's start)",
+                    ("cs-overlay", "gd-cli-overlay2-serial"),
+                )
+            ],
+            [
+                pull_scenario("cs-overlay"),
+                pull_scenario("gd-cli-overlay2"),
+                pull_scenario("gd-cli-overlay2-serial"),
             ],
         ),
         Group(
@@ -891,6 +987,7 @@ def probe_tools() -> dict[str, str]:
         "mkfs.btrfs": "btrfs-progs",
         "fuse-overlayfs": "fuse-overlayfs",
         "time": "time",
+        "docker-registry": "docker-registry",
     }
     return {
         f"tool:{name}": "ok" if shutil.which(name) else f"{name} is not installed (apt-get install {pkg})"

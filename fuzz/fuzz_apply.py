@@ -41,7 +41,6 @@ import io
 import lzma
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -173,10 +172,6 @@ class Harness:
     def _through_store(self, data: bytes) -> None:
         m = _mods
         store = self.store
-        bug = known_store_bug(data)
-        if bug is not None:
-            self.stats["known-bug-skipped"] = self.stats.get("known-bug-skipped", 0) + 1
-            return
         self.stats["store-imports"] += 1
         try:
             layer = store.import_layer(io.BytesIO(data), limits=self.limits)
@@ -200,26 +195,6 @@ class Harness:
     def summary(self) -> str:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items()))
         return f"fuzz_apply: {self.stats} errors: {errors}"
-
-
-# -- known bugs --------------------------------------------------------------------------------------
-
-_PAX_SIZE = re.compile(rb"\d+ size=([^\n]*)\n")
-
-
-def known_store_bug(data: bytes) -> str | None:
-    """Why an input is not imported through the store: it would hit a known, reported bug that
-    hangs the process instead of failing (so that the fuzzer can look for others). Empty this
-    when the bug is fixed; tests/reliability/test_fuzz.py holds the regression tests."""
-    unwrapped = _unwrap(data)
-    tar = unwrapped[1] if unwrapped is not None else data
-    for match in _PAX_SIZE.finditer(tar):
-        if not match.group(1).isdigit():
-            return "tarsplit: a PAX size that is not a plain decimal (e.g. -1) loops forever in _varint"
-    for off in range(0, len(tar) - 511, 512):
-        if tar[off + 124 : off + 136].split(b"\0", 1)[0].strip(b" ").startswith((b"-", b"+", b"_")):
-            return "tarsplit: a signed octal size field (e.g. -000001) loops forever in _varint"
-    return None
 
 
 # -- mutation ----------------------------------------------------------------------------------------

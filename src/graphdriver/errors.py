@@ -26,6 +26,10 @@ catch one class. The CLI maps each class to a one-line message and an exit code 
     +-- DigestMismatch        content does not match its digest or size
     +-- StoreCorrupt          the layer store's metadata is inconsistent
     +-- RegistryError         a registry could not be reached or kept failing
+
+Internal signals, never raised to a caller of the layer store or the CLI:
+``graphdriver.archive.apply.LowerLayersNeeded`` (a GraphDriverError) tells the store that a layer
+applied in parallel needs its lower layers complete; the store applies it again after them.
 """
 
 from __future__ import annotations

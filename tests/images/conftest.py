@@ -24,12 +24,10 @@ from typing import Any
 
 import pytest
 
-from graphdriver import mount as kmount
-from graphdriver.errors import GraphDriverError, NotSupported
-from graphdriver.fs.remove import remove_tree
 from graphdriver.images.imagestore import ImageStore
 from graphdriver.images.manifests import host_platform
 from graphdriver.layers import chain_ids
+from graphdriver.testing.storestate import driver_unsupported, release_mounts, require_driver
 from graphdriver.testing.tarbuild import TarBuilder, compress
 from graphdriver.testing.trees import make_sample_tree
 
@@ -41,41 +39,9 @@ MEDIA = {
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
 }
 
-_support: dict[str, str | None] = {}
-
-
-def driver_unsupported(name: str, scratch: Path) -> str | None:
-    """None if driver ``name`` works here, else why not (probed once per session)."""
-    if name not in _support:
-        from graphdriver.drivers.registry import open_driver
-
-        probe = scratch / f"probe-{name}"
-        try:
-            open_driver(probe, name).cleanup()
-            _support[name] = None
-        except NotSupported as exc:
-            _support[name] = exc.reason
-        except GraphDriverError as exc:  # pragma: no cover
-            _support[name] = f"driver failed to initialise: {exc}"
-        finally:
-            release_mounts(probe)
-            remove_tree(probe)
-    return _support[name]
-
-
-def release_mounts(root: Path) -> None:
-    if root.exists():
-        for m in kmount.mounts_under(root):
-            kmount.unmount(m.mount_point, detach=True)
-
-
 @pytest.fixture(params=DRIVERS)
 def driver_name(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    name: str = request.param
-    reason = driver_unsupported(name, tmp_path_factory.getbasetemp())
-    if reason is not None:
-        pytest.skip(f"driver {name} does not work here: {reason}")
-    return name
+    return require_driver(request.param, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture

@@ -19,62 +19,22 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver import mount as kmount
-from graphdriver.errors import GraphDriverError, NotSupported
-from graphdriver.fs.remove import remove_tree
 from graphdriver.layers.store import LayerStore
+from graphdriver.testing.storestate import driver_unsupported, release_mounts, require_driver
 from graphdriver.testing.tarbuild import compress
 
 DRIVERS = ("vfs", "overlay2")
 WORKER = Path(__file__).with_name("layer_worker.py")
 
-_support: dict[str, str | None] = {}
-
-
-def driver_unsupported(name: str, scratch: Path) -> str | None:
-    """None if driver ``name`` works here, else why not (probed once per session)."""
-    if name not in _support:
-        from graphdriver.drivers.registry import open_driver
-
-        probe = scratch / f"probe-{name}"
-        try:
-            drv = open_driver(probe, name)
-            drv.cleanup()
-            _support[name] = None
-        except NotSupported as exc:
-            _support[name] = exc.reason
-        except GraphDriverError as exc:  # pragma: no cover - a broken driver is a failure elsewhere
-            _support[name] = f"driver failed to initialise: {exc}"
-        finally:
-            for m in kmount.mounts_under(probe) if probe.exists() else []:
-                kmount.unmount(m.mount_point, detach=True)
-            remove_tree(probe)
-    return _support[name]
-
-
 @pytest.fixture(params=DRIVERS)
 def driver_name(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    name: str = request.param
-    reason = driver_unsupported(name, tmp_path_factory.getbasetemp())
-    if reason is not None:
-        pytest.skip(f"driver {name} does not work here: {reason}")
-    return name
+    return require_driver(request.param, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture
 def mounting_driver(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A driver whose get() mounts (overlay2), or skip."""
-    reason = driver_unsupported("overlay2", tmp_path_factory.getbasetemp())
-    if reason is not None:
-        pytest.skip(f"needs a mounting driver; overlay2 does not work here: {reason}")
-    return "overlay2"
-
-
-def release_mounts(root: Path) -> None:
-    """Unmount everything below ``root`` (test teardown)."""
-    if root.exists():
-        for m in kmount.mounts_under(root):
-            kmount.unmount(m.mount_point, detach=True)
+    return require_driver("overlay2", tmp_path_factory.getbasetemp(), need="a mounting driver")
 
 
 @pytest.fixture

@@ -20,9 +20,6 @@ from typing import Any
 
 import pytest
 
-from graphdriver import mount as kmount
-from graphdriver.errors import GraphDriverError, NotSupported
-from graphdriver.fs.remove import remove_tree
 from graphdriver.layers.store import LayerStore
 from graphdriver.registry.client import RetryPolicy
 from graphdriver.testing.registry_server import (
@@ -31,11 +28,11 @@ from graphdriver.testing.registry_server import (
     registry_server,
     registry_unavailable_reason,
 )
+from graphdriver.testing.storestate import driver_unsupported
 from graphdriver.testing.trees import Entry, snapshot_tree
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05, max_retry_after=2.0)
 
-_support: dict[str, str | None] = {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -46,27 +43,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.skip(reason=reason))
-
-
-def driver_unsupported(name: str, scratch: Path) -> str | None:
-    """None if driver ``name`` works here, else why not (probed once per session)."""
-    if name not in _support:
-        from graphdriver.drivers.registry import open_driver
-
-        probe = scratch / f"probe-{name}"
-        try:
-            open_driver(probe, name).cleanup()
-            _support[name] = None
-        except NotSupported as exc:
-            _support[name] = exc.reason
-        except GraphDriverError as exc:  # pragma: no cover
-            _support[name] = f"driver failed to initialise: {exc}"
-        finally:
-            for m in kmount.mounts_under(probe) if probe.exists() else []:
-                kmount.unmount(m.mount_point, detach=True)
-            if probe.exists():
-                remove_tree(probe)
-    return _support[name]
 
 
 @pytest.fixture(autouse=True)

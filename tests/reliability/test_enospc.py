@@ -29,7 +29,6 @@ from typing import Any
 
 import pytest
 
-from graphdriver.errors import GraphDriverError, StoreCorrupt
 from graphdriver.layers.store import LayerStore
 from graphdriver.testing.loopfs import LoopFilesystem, loop_filesystem
 from graphdriver.testing.sentinel import Sentinel
@@ -105,21 +104,10 @@ def l0() -> bytes:
     return TarBuilder().dir("etc").file("etc/hostname", b"small\n").build()
 
 
-DISCARD_BUG = (
-    "layers/store.py _discard: the partial layer holds the space the metadata commit needs, so"
-    " marking it removing fails (SQLITE_FULL), the error is swallowed and nothing is removed: the"
-    " incomplete record and all its data stay until the next open's recovery"
-)
-
-
 def test_enospc_during_apply(
-    driver_name: str, small_fs: LoopFilesystem, tmp_path: Path, rk: Any, request: pytest.FixtureRequest
+    driver_name: str, small_fs: LoopFilesystem, tmp_path: Path, rk: Any
 ) -> None:
     """The failed import is rolled back at once: the space is free again, the store as before."""
-    if driver_name == "vfs":
-        # not strict: whether the discard's metadata write finds room depends on how full the
-        # small filesystem is at that moment, so the bug shows in some runs and not in others
-        request.applymarker(pytest.mark.xfail(strict=False, reason=DISCARD_BUG))
     base = small_fs.path
     sentinel = Sentinel(base, exclude=("store", "filler"))
     blob, digests = big_layer(tmp_path, 3, 8 * MiB)
@@ -183,14 +171,17 @@ def test_enospc_in_a_metadata_commit(small_fs: LoopFilesystem, rk: Any) -> None:
         filler = fill(base)
         before = rk.capture(store)
         names = [f"name-{i}-" + "n" * 200 for i in range(400)]
-        with pytest.raises(GraphDriverError) as info:
+        with pytest.raises(OSError) as info:
             store.add_names(layer.id, names)
+        assert info.value.errno == errno.ENOSPC
         assert "disk is full" in one_line(info.value)
-        # nothing else works either, and each refusal leaves the store as it was
-        with pytest.raises(GraphDriverError, match="disk is full"):
+        # nothing else works either, and each refusal is ENOSPC and leaves the store as it was
+        with pytest.raises(OSError) as info:
             store.create_layer(layer.id)
-        with pytest.raises(GraphDriverError, match="disk is full"):
+        assert info.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as info:
             store.import_layer(io.BytesIO(TarBuilder().file("x", b"x").build()))
+        assert info.value.errno == errno.ENOSPC
         filler.unlink()
         rk.assert_unchanged(store, before)
         assert store.get(layer.id).names == ("L0",)
@@ -201,12 +192,6 @@ def test_enospc_in_a_metadata_commit(small_fs: LoopFilesystem, rk: Any) -> None:
         assert store.check().clean
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=StoreCorrupt,
-    reason="layers/metadata.py _wrap maps SQLITE_FULL ('database or disk is full') to StoreCorrupt"
-    " (exit 12), which sends the user to check --repair; a full disk should read as ENOSPC",
-)
 def test_full_disk_in_a_commit_is_enospc_not_corruption(small_fs: LoopFilesystem) -> None:
     base = small_fs.path
     with LayerStore.open(base / "store", "vfs") as store:

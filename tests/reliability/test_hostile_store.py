@@ -100,9 +100,6 @@ class Case:
     """expected_diff_id / expected_digest / expected_size to pass, from the blob"""
     extra_check: Callable[[LayerStore, str], None] | None = field(default=None)
     """(contained cases) more checks on the committed layer (store, layer id)"""
-    overlay2_diverges: str | None = None
-    """why overlay2 does not reach ``expect`` (a known bug): there only the safety oracles run,
-    and test_overlay2_matches_vfs (strict xfail) holds the expected view"""
 
 
 def tar(b: TarBuilder) -> Callable[[Ctx], bytes]:
@@ -164,11 +161,17 @@ def no_overlay_xattrs_on(*paths: str) -> Callable[[LayerStore, str], None]:
 OVERLAY_SEMANTIC = ("opaque", "redirect", "metacopy", "whiteout", "whiteouts")
 
 
-LOWER_PATHS = (
-    "overlay2 applies a child layer natively into its own diff/, where paths through a symlink or a"
-    " directory that lives in a lower layer do not resolve as they do on the merged tree (vfs)"
+LOWER_PATH_CASES = (
+    "containerd-symlink-absolute",
+    "moby-implied-dirs-through-lower-symlink",
+    "moby-symlink-breakout-two-hops",
+    "opaque-through-link-to-sentinel",
+    "whiteout-inside-symlinked-dir",
+    "whiteout-through-link-to-sentinel",
 )
-"""Why some contained cases end differently on overlay2 (see test_overlay2_matches_vfs)."""
+"""Contained cases whose paths resolve through a symlink or directory that only a lower layer
+holds: overlay2 applies them natively into the new layer's own diff/, resolving such paths in the
+merged view of the lower layers (issue 8; see test_overlay2_matches_vfs)."""
 
 
 CASES: dict[str, Case] = {
@@ -212,14 +215,12 @@ CASES: dict[str, Case] = {
             escape="symlink 0:0 -> ../victim",
             victim__newfile="file 0644 0:0 b'n'",
         ),
-        overlay2_diverges=LOWER_PATHS,
     ),
     # --- containerd TestBreakouts: clamped inside the root ----------------------------------
     "containerd-symlink-absolute": Case(
         "containerd",
         tar(TarBuilder().symlink("localetc", "/etc").file("/localetc/unbroken", b"unbroken")),
         expect=tree(localetc="symlink 0:0 -> /etc", etc__unbroken="file 0644 0:0 b'unbroken'"),
-        overlay2_diverges=LOWER_PATHS,
     ),
     "moby-implied-dirs-through-lower-symlink": Case(
         "moby",
@@ -233,7 +234,6 @@ CASES: dict[str, Case] = {
             usr__lib__systemd__system="dir 0755 0:0",
             usr__lib__systemd__system__unit="file 0644 0:0 b'x'",
         ),
-        overlay2_diverges=LOWER_PATHS,
     ),
     "containerd-hardlink-relative-escape": Case(
         "containerd",
@@ -354,21 +354,18 @@ CASES: dict[str, Case] = {
         lambda c: TarBuilder().whiteout("abs/hello").whiteout("rel/dir").build(),
         setup=lambda c: TarBuilder().symlink("abs", c.victim).symlink("rel", c.esc + "/victim").build(),
         expect=lambda c: tree(abs=f"symlink 0:0 -> {c.victim}", rel=f"symlink 0:0 -> {c.esc}/victim"),
-        overlay2_diverges=LOWER_PATHS,
     ),
     "whiteout-inside-symlinked-dir": Case(
         "whiteout",
         tar(TarBuilder().whiteout("lv/hello")),
         setup=lambda c: TarBuilder().file("victim/hello", b"inner copy").symlink("lv", "../victim").build(),
         expect=tree(lv="symlink 0:0 -> ../victim"),
-        overlay2_diverges=LOWER_PATHS,
     ),
     "opaque-through-link-to-sentinel": Case(
         "whiteout",
         tar(TarBuilder().opaque("abs")),
         setup=lambda c: TarBuilder().symlink("abs", c.victim).build(),
         expect=lambda c: tree(abs=f"symlink 0:0 -> {c.victim}"),
-        overlay2_diverges=LOWER_PATHS,
     ),
     # --- malformed headers ----------------------------------------------------------------------
     "nul-in-pax-path": Case(
@@ -535,23 +532,6 @@ def view_of(store: LayerStore, layer_id: str) -> dict[str, str]:
         return describe_tree(view, mtime=False)
 
 
-def assert_only_layer_added(store: LayerStore, before: Any, layer_id: str, rk: Any) -> None:
-    """After a contained import: one new complete record, every new file the new layer's own."""
-    after = rk.capture(store)
-    assert [la for la in after.records if la.id != layer_id] == list(before.records)
-    new = [p for p in after.files if p not in before.files]
-    own = []
-    for path in new:
-        detail = after.files[path]
-        target = detail[-1] if detail[0] == "node" else None
-        if layer_id in path or (isinstance(target, str) and layer_id in target):
-            own.append(path)
-    foreign = sorted(set(new) - set(own))
-    assert foreign == [] or all(p.endswith("/committed") for p in foreign), foreign
-    report = store.check()
-    assert report.clean, [str(p) for p in report.problems]
-
-
 def prepare(store: LayerStore, case: Case, base: Path) -> tuple[Ctx, str, bytes, dict[str, Any]]:
     """L0 (and the case's setup layer) imported; returns the context, the top layer, the hostile
     blob and the descriptor to import it with."""
@@ -566,7 +546,6 @@ def prepare(store: LayerStore, case: Case, base: Path) -> tuple[Ctx, str, bytes,
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_hostile_import(name: str, driver_name: str, arena: Any, rk: Any) -> None:
     case = CASES[name]
-    diverges = driver_name == "overlay2" and case.overlay2_diverges is not None
     with LayerStore.open(arena.root, driver_name) as store:
         ctx, top, blob, kw = prepare(store, case, arena.base)
         arena.sentinel.arm()
@@ -584,20 +563,11 @@ def test_hostile_import(name: str, driver_name: str, arena: Any, rk: Any) -> Non
                 arena.sentinel.assert_intact(scan=[arena.root])
             return
 
-        try:
-            layer = attempt(top)
-        except GraphDriverError:
-            if not diverges:
-                raise
-            # overlay2 refuses what vfs applies (test_overlay2_matches_vfs): refused cleanly at least
-            rk.assert_unchanged(store, before)
-            arena.sentinel.assert_intact(scan=[arena.root])
-            return
+        layer = attempt(top)
         arena.sentinel.assert_intact(scan=[arena.root])
-        assert_only_layer_added(store, before, layer.id, rk)
-        if not diverges:
-            expect = case.expect(ctx) if callable(case.expect) else case.expect
-            assert view_of(store, layer.id) == expect
+        rk.assert_only_layer_added(store, before, layer.id)
+        expect = case.expect(ctx) if callable(case.expect) else case.expect
+        assert view_of(store, layer.id) == expect
         if case.extra_check is not None:
             case.extra_check(store, layer.id)
         store.remove(layer.id)
@@ -605,16 +575,19 @@ def test_hostile_import(name: str, driver_name: str, arena: Any, rk: Any) -> Non
         arena.sentinel.assert_intact(scan=[arena.root])
 
 
-@pytest.mark.xfail(strict=True, reason=LOWER_PATHS)
-@pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.overlay2_diverges))
-def test_overlay2_matches_vfs(name: str, mounting_driver: str, arena: Any) -> None:
-    """The merged view on overlay2 is the view vfs gives (a known divergence until fixed)."""
+@pytest.mark.parametrize("name", LOWER_PATH_CASES)
+def test_overlay2_matches_vfs(name: str, mounting_driver: str, arena: Any, tmp_path: Path) -> None:
+    """The merged view on overlay2 is the view vfs gives for the same layers."""
     case = CASES[name]
     with LayerStore.open(arena.root, mounting_driver) as store:
         ctx, top, blob, kw = prepare(store, case, arena.base)
         layer = store.import_layer(io.BytesIO(blob), top, limits=case.limits, **kw)
         expect = case.expect(ctx) if callable(case.expect) else case.expect
         assert view_of(store, layer.id) == expect
+        with LayerStore.open(tmp_path / "vfs-store", "vfs") as vfs:
+            _, vtop, vblob, vkw = prepare(vfs, case, arena.base)
+            vlayer = vfs.import_layer(io.BytesIO(vblob), vtop, limits=case.limits, **vkw)
+            assert view_of(vfs, vlayer.id) == view_of(store, layer.id)
 
 
 def test_every_group_is_covered() -> None:

@@ -31,12 +31,6 @@ from graphdriver.testing.tarbuild import Header, TarBuilder, compress, encode_he
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the store tests run as root")
 
-NOT_FORWARDED = (
-    "LayerStore.import_layer hands limits= only to the decompressor; driver.apply_diff (and so"
-    " apply_layer's tar reader) always runs with the default Limits()"
-)
-
-
 def deep_path(depth: int) -> str:
     return "/".join(["d"] * depth) + "/f"
 
@@ -60,8 +54,6 @@ class LimitCase:
     limits: Limits | None
     match: str
     compression: str = "none"
-    forwarded: bool = True
-    """False: the store does not pass this setting on yet (strict xfail, NOT_FORWARDED)"""
 
 
 CASES: dict[str, LimitCase] = {
@@ -89,7 +81,6 @@ CASES: dict[str, LimitCase] = {
         lambda: TarBuilder().file("f", bytes(4097)).build(),
         Limits(max_entry_size=4096),
         "entry of 4097 bytes is larger than the limit of 4096",
-        forwarded=False,
     ),
     # extended headers (PAX / GNU long names)
     "header-size-default": LimitCase(
@@ -101,11 +92,10 @@ CASES: dict[str, LimitCase] = {
         lambda: TarBuilder().file("f", pax={"comment": "c" * 8192}).build(),
         Limits(max_header_size=4096),
         "larger than the limit of 4096",
-        forwarded=False,
     ),
     # entries
     "entries-setting": LimitCase(
-        lambda: entries(101), Limits(max_entries=100), "more than 100 entries", forwarded=False
+        lambda: entries(101), Limits(max_entries=100), "more than 100 entries"
     ),
     # path depth
     "path-depth-default": LimitCase(
@@ -115,7 +105,6 @@ CASES: dict[str, LimitCase] = {
         lambda: TarBuilder().file(deep_path(16), b"x").build(),
         Limits(max_path_depth=16),
         "deeper than 16 components",
-        forwarded=False,
     ),
     # path length
     "path-length-default": LimitCase(
@@ -125,7 +114,6 @@ CASES: dict[str, LimitCase] = {
         lambda: TarBuilder().file("p/" * 100, b"x").build(),
         Limits(max_path_length=128),
         "longer than the limit of 128",
-        forwarded=False,
     ),
 }
 
@@ -135,11 +123,7 @@ def l0() -> bytes:
 
 
 def params() -> list[Any]:
-    out = []
-    for name, case in sorted(CASES.items()):
-        marks = [] if case.forwarded else [pytest.mark.xfail(strict=True, reason=NOT_FORWARDED)]
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
+    return [pytest.param(name, id=name) for name in sorted(CASES)]
 
 
 def refused_cleanly(

@@ -35,7 +35,7 @@ import stat
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from graphdriver.archive.changes import (
     _PROC_FD,
@@ -48,7 +48,6 @@ from graphdriver.archive.changes import (
 from graphdriver.archive.tarwriter import TarKind, TarWriter
 from graphdriver.archive.types import Change, ChangeKind, WhiteoutFormat
 from graphdriver.errors import ArchiveError, GraphDriverError, InvalidArgument, PermissionDenied
-from graphdriver.fs.copy import open_as_owner
 
 __all__ = ["export_changes", "open_export", "tar_tree"]
 
@@ -61,6 +60,8 @@ _GONE = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO))
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _EXPORTED_FORMATS = frozenset((stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO))
 _PIPE_SIZE = 1 << 20
+_SPOOL_MAX_CHANGES = 256  # open_export writes change lists up to this long into memory first...
+_SPOOL_LIMIT = 4 << 20  # ... while their tar stays under this size
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -193,9 +194,15 @@ class _Exporter:
 
     def _add_file(self, parent: int, name: str, tar_name: str, lst: os.stat_result) -> None:
         try:
-            # a file its owner may not read (an image's 0000 /etc/shadow, exported unprivileged)
-            # is opened with its mode widened for the open only; anyone else's stays an error
-            fd, _ = open_as_owner(name, parent, lst, self.open_flags)
+            try:
+                fd = os.open(name, self.open_flags, dir_fd=parent)
+            except PermissionError:
+                # a file its owner may not read (an image's 0000 /etc/shadow, exported
+                # unprivileged) is opened with its mode widened for the open only; anyone else's
+                # stays an error (imported here: the module costs a diff ~2 ms of start-up)
+                from graphdriver.fs.copy import open_as_owner
+
+                fd, _ = open_as_owner(name, parent, lst, self.open_flags)
         except OSError as exc:
             if exc.errno in _GONE:
                 return
@@ -321,6 +328,71 @@ class _WriterState:
         self.reported = False
 
 
+class _Spill(Exception):
+    """A spooled export outgrew its limit: it is streamed from a thread instead."""
+
+
+class _SpoolSink(io.RawIOBase):
+    """Keeps what is written in memory, up to ``limit`` bytes (then raises :class:`_Spill`)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        data = bytes(b)
+        self.size += len(data)
+        if self.size > self.limit:
+            raise _Spill
+        self.parts.append(data)
+        return len(data)
+
+
+def _spool(
+    root: Path, changes: Sequence[Change], source_format: WhiteoutFormat, root_fd: int
+) -> tuple[bytes, _WriterState] | None:
+    """Export ``changes`` into memory: their tar (up to the writer's error, kept in the state),
+    or None when it grows over :data:`_SPOOL_LIMIT`."""
+    sink = _SpoolSink(_SPOOL_LIMIT)
+    state = _WriterState()
+    try:
+        _export(root, changes, cast(BinaryIO, sink), source_format, root_fd)
+    except _Spill:
+        return None
+    except Exception as exc:  # what the thread would have met: raised when read, as there
+        state.error = exc
+    return b"".join(sink.parts), state
+
+
+class _SpooledReader(io.RawIOBase):
+    """A spooled export; at the end of its bytes, the writer's error is raised here."""
+
+    def __init__(self, data: bytes, state: _WriterState, root: Path) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self._state = state
+        self._root = root
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        if self.closed:
+            raise ValueError("read from a closed export stream")
+        n = min(len(buffer), len(self._data) - self._pos)
+        if n == 0:
+            _raise_writer_error(self._state, self._root)
+            return 0
+        buffer[:n] = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
 class _PipeReader(io.RawIOBase):
     """The read end of the export pipe; at end of stream, the writer's error is raised here."""
 
@@ -367,14 +439,33 @@ def open_export(
 ) -> Iterator[BinaryIO]:
     """A readable stream of the layer tar of ``changes`` of ``root`` (None: the whole tree).
 
-    The tar is written by a thread into a pipe while the caller reads. An error of the writer is
-    raised from ``read`` at the end of the stream, or on leaving the context if the stream was not
-    read to its end; it is never swallowed. Leaving the context early closes the pipe, which
-    stops the writer. ``root`` is checked before the context is entered.
+    The tar is written by a thread into a pipe while the caller reads; a short change list (at
+    most :data:`_SPOOL_MAX_CHANGES`, a tar under :data:`_SPOOL_LIMIT` bytes) is written into
+    memory first instead, which spares a small diff the thread's start and hand-offs. Either way,
+    an error of the writer is raised from ``read`` at the end of the stream, or on leaving the
+    context if the stream was not read to its end; it is never swallowed. Leaving the context
+    early closes the pipe, which stops the writer. ``root`` is checked before the context is
+    entered.
     """
     root_fd = _open_root(root, "export root")
     try:
         todo = _tree_changes(root) if changes is None else changes
+        spooled = _spool(root, todo, source_format, root_fd) if len(todo) <= _SPOOL_MAX_CHANGES else None
+        if spooled is not None:
+            os.close(root_fd)
+    except BaseException:
+        os.close(root_fd)
+        raise
+    if spooled is not None:
+        data, done = spooled
+        reader = io.BufferedReader(_SpooledReader(data, done, root))
+        try:
+            yield reader
+        finally:
+            reader.close()
+        _raise_writer_error(done, root)
+        return
+    try:
         r, w = os.pipe2(os.O_CLOEXEC)
     except BaseException:
         os.close(root_fd)

@@ -319,18 +319,25 @@ def _number(field: bytes, what: str, *, signed: bool = False) -> int:
 
 
 _NUMERIC_FIELDS = re.compile(rb"[0-7 \0]{56}").fullmatch
-_OCTAL_CACHE: dict[bytes, int] = {}
+_IDS_CACHE: dict[bytes, tuple[int, int, int]] = {}
 
 
 def _octal(field: bytes) -> int:
-    """An all-octal field (already validated), memoised: modes and ids repeat a lot."""
-    value = _OCTAL_CACHE.get(field)
-    if value is None:
-        digits = field.strip(b" \0")
-        value = int(digits, 8) if digits else 0
-        if len(_OCTAL_CACHE) < 4096:
-            _OCTAL_CACHE[field] = value
-    return value
+    """An all-octal field (already validated: digits, spaces and NULs); ValueError on a space
+    between digits."""
+    digits = field.strip(b" \0")
+    return int(digits, 8) if digits else 0
+
+
+def _ids(fields: bytes) -> tuple[int, int, int]:
+    """mode (07777 bits), uid and gid from the validated 24 bytes of their three fields,
+    memoised: they repeat from member to member."""
+    ids = _IDS_CACHE.get(fields)
+    if ids is None:
+        ids = (_octal(fields[:8]) & 0o7777, _octal(fields[8:16]), _octal(fields[16:24]))
+        if len(_IDS_CACHE) < 4096:
+            _IDS_CACHE[fields] = ids
+    return ids
 
 
 def _pax_uint(value: bytes, key: bytes) -> int:
@@ -456,24 +463,30 @@ def iter_entries(stream: BinaryIO, limits: Limits | None = None) -> Iterator[Tar
     kinds = _KINDS
     zero = _ZERO_BLOCK
     numeric = _NUMERIC_FIELDS
-    octal = _octal
+    ids = _ids
+    ids_cache = _IDS_CACHE
     adler32 = zlib.adler32
     mode = uid = gid = size = mtime_ns = stored = 0
     while True:
         if entry is not None:
-            # skip the unread data of the previous entry, and its padding
-            if not src.skip(entry._remaining + (-entry.size % BLOCK_SIZE)):
+            # skip the unread data of the previous entry, and its padding (in the buffer, usually)
+            gap = entry._remaining + (-entry.size % BLOCK_SIZE)
+            if src.end - src.pos >= gap:
+                src.pos += gap
+            elif not src.skip(gap):
                 raise CorruptStream("unexpected end of stream inside the data of", entry.name)
             entry._remaining = 0
             entry = None
-        avail = src.fill(BLOCK_SIZE)
-        if avail < BLOCK_SIZE:
-            if avail:
-                raise CorruptStream("unexpected end of stream inside a tar header")
-            if pax is not None or long_name is not None or long_link is not None:
-                raise CorruptStream("unexpected end of stream after an extended header")
-            return
         pos = src.pos
+        if src.end - pos < BLOCK_SIZE:
+            avail = src.fill(BLOCK_SIZE)
+            if avail < BLOCK_SIZE:
+                if avail:
+                    raise CorruptStream("unexpected end of stream inside a tar header")
+                if pax is not None or long_name is not None or long_link is not None:
+                    raise CorruptStream("unexpected end of stream after an extended header")
+                return
+            pos = src.pos
         header = bytes(src.view[pos : pos + BLOCK_SIZE])
         src.pos = pos + BLOCK_SIZE
         if header == zero:
@@ -493,10 +506,8 @@ def iter_entries(stream: BinaryIO, limits: Limits | None = None) -> Iterator[Tar
         fast = False
         if numeric(header, 100, 156) is not None:
             try:
-                stored = octal(header[148:156])
-                mode = octal(header[100:108]) & 0o7777
-                uid = octal(header[108:116])
-                gid = octal(header[116:124])
+                stored = int(header[148:156].strip(b" \0") or b"0", 8)
+                mode, uid, gid = ids_cache.get(header[100:124]) or ids(header[100:124])
                 size = int(header[124:136].strip(b" \0") or b"0", 8)
                 mtime_ns = int(header[136:148].strip(b" \0") or b"0", 8) * 1_000_000_000
                 fast = True

@@ -101,6 +101,7 @@ def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
             platform=args.platform,
             names=args.name,
             progress=progress,
+            parallel_apply=args.parallel_apply,
         )
     if progress.skipped:
         ctx.debug(f"{len(progress.skipped)} of {progress.layers_total} layers were stored already")
@@ -402,6 +403,13 @@ def register(sub: argparse._SubParsersAction[Any], command: CommandMaker | None 
         choices=("oci", "oci-archive", "docker-archive"),
         default=None,
         help="the source's format (default: detected)",
+    )
+    p.add_argument(
+        "--parallel-apply",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="apply the layers of an OCI layout at the same time, each in a worker process (default: "
+        "on where the driver applies each layer into its own directory and two or more layers are big)",
     )
 
     add(

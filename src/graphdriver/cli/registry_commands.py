@@ -56,6 +56,10 @@ def register(sub: Any, command: CommandMaker) -> None:
                    help="blobs downloaded at once (default 4)")
     p.add_argument("--download-first", action="store_true",
                    help="download every blob before applying any (default: apply while downloading)")
+    p.add_argument("--parallel-apply", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the missing layers at the same time, each in a worker process "
+                        "(default: on for drivers that apply each layer into its own directory: "
+                        "overlay2, fuse-overlayfs)")
     p.add_argument("reference", metavar="REF", help="[REGISTRY/]REPOSITORY[:TAG][@DIGEST]")
 
     p = command(
@@ -120,6 +124,7 @@ def cmd_pull(ctx: Context, args: argparse.Namespace) -> int:
         insecure=args.insecure,
         parallel=args.parallel,
         stream_apply=not args.download_first,
+        parallel_apply=args.parallel_apply,
         auth_file=args.authfile,
     )
     with _store(ctx) as store, _progress(ctx) as sink:

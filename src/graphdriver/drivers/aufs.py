@@ -18,17 +18,17 @@ the archive code's job (:func:`graphdriver.archive.apply.apply_layer`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, NoReturn
+from typing import ClassVar
 
-from graphdriver.drivers.base import Driver
+from graphdriver.drivers.probeonly import ProbeOnlyDriver
 from graphdriver.errors import IncompatibleFilesystem, NotSupported
+from graphdriver.fs.statfs import filesystem_type
 
 __all__ = ["AufsDriver", "kernel_filesystems"]
 
-# statfs magics of the backing filesystems aufs refuses to stack on (the seed's ErrIncompatibleFS)
-_INCOMPATIBLE = {0x9123683E: "btrfs", 0x61756673: "aufs"}
+_INCOMPATIBLE = ("btrfs", "aufs")
+"""the backing filesystems aufs refuses to stack on (the seed's ErrIncompatibleFS)"""
 
 
 def kernel_filesystems(path: str = "/proc/filesystems") -> set[str]:
@@ -37,19 +37,15 @@ def kernel_filesystems(path: str = "/proc/filesystems") -> set[str]:
         return {line.split()[-1] for line in f if line.strip()}
 
 
-class AufsDriver(Driver):
+class AufsDriver(ProbeOnlyDriver):
     """A probe for aufs; it never stores layers (see the module docstring)."""
 
     name: ClassVar[str] = "aufs"
-
-    def __init__(self, home: Path | str, options: Mapping[str, str] | None = None) -> None:
-        super().__init__(home, options)
-        self.check_support(self.home)
-        raise NotSupported(
-            "aufs is in this kernel, but graphdriver has no aufs storage (only a probe); "
-            "use overlay2, which reads the same layers",
-            self.name,
-        )
+    storage: ClassVar[str] = "aufs"
+    available_message: ClassVar[str] = (
+        "aufs is in this kernel, but graphdriver has no aufs storage (only a probe); "
+        "use overlay2, which reads the same layers"
+    )
 
     @classmethod
     def check_support(cls, home: Path) -> None:
@@ -63,29 +59,9 @@ class AufsDriver(Driver):
                 "(graphdriver does not load kernel modules)",
                 cls.name,
             )
-        from graphdriver.drivers.overlayutils import fs_magic, nearest_existing
+        from graphdriver.drivers.overlayutils import nearest_existing
 
         anchor = nearest_existing(Path(home))
-        backing = _INCOMPATIBLE.get(fs_magic(anchor))
-        if backing is not None:
+        backing = filesystem_type(anchor)
+        if backing in _INCOMPATIBLE:
             raise IncompatibleFilesystem(f"aufs cannot stack on {backing} ({anchor})", cls.name)
-
-    # The constructor always raises; these exist only to make the class concrete.
-
-    def _unreachable(self) -> NoReturn:
-        raise NotSupported("graphdriver has no aufs storage", self.name)
-
-    def create(self, id: str, parent: str | None = None) -> None:
-        self._unreachable()
-
-    def remove(self, id: str) -> None:
-        self._unreachable()
-
-    def get(self, id: str, mount_label: str = "") -> Path:
-        self._unreachable()
-
-    def put(self, id: str) -> None:
-        self._unreachable()
-
-    def exists(self, id: str) -> bool:
-        self._unreachable()

@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, ClassVar
 
-from graphdriver.archive.types import Change
+from graphdriver.archive.types import Change, Limits
 
 
 @dataclass(frozen=True)
@@ -171,17 +171,31 @@ class Driver(abc.ABC):
             with self.mounted(parent) as old:
                 return changes_dirs(new, old)
 
-    def apply_diff(self, id: str, parent: str | None, tar: BinaryIO) -> int:
-        """Apply the layer tar ``tar`` onto ``id`` (created on ``parent``); return the change size."""
+    def apply_diff(
+        self, id: str, parent: str | None, tar: BinaryIO, *, limits: Limits | None = None
+    ) -> int:
+        """Apply the layer tar ``tar`` onto ``id`` (created on ``parent``); return the change size.
+
+        ``limits`` bound what the tar may hold (entries, entry size, path depth and length,
+        decompressed bytes): :class:`~graphdriver.errors.LimitExceeded` past one; default
+        :class:`~graphdriver.archive.types.Limits`."""
         from graphdriver.archive.apply import apply_layer
         from graphdriver.archive.changes import changes_dirs, changes_size, tree_size
 
         with self.mounted(id) as root:
-            apply_layer(root, tar)
+            apply_layer(root, tar, limits=limits)
             if parent is None:
                 return tree_size(root)
             with self.mounted(parent) as old:
                 return changes_size(root, changes_dirs(root, old))
+
+    def verify_records(self, id: str, ancestors: Sequence[str], *, repair: bool) -> list[str]:
+        """Check the driver's own records of layer ``id`` that repeat what the layer store knows
+        (``ancestors``: its parent, grandparent... uppermost first, the source of truth); return
+        what is wrong, one line each, rewriting it when ``repair``. Drivers that keep no such
+        records (the default) have nothing to check. overlay2 keeps ``link``/``parent``/``lower``
+        files that its create does not fsync."""
+        return []
 
     def diff_size(self, id: str, parent: str | None = None) -> int:
         """Size in bytes of ``id``'s changes relative to ``parent``."""

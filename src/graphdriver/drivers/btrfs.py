@@ -41,7 +41,6 @@ that mode is not supported.)
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -65,12 +64,11 @@ from graphdriver.errors import (
     PrerequisitesNotMet,
 )
 from graphdriver.fs.remove import remove_tree
+from graphdriver.fs.statfs import BTRFS_SUPER_MAGIC, fs_magic
 from graphdriver.ids import validate_id, validate_parent
 from graphdriver.mount import mounts, mounts_under
 
 __all__ = ["BTRFS_SUPER_MAGIC", "BtrfsDriver", "parse_size"]
-
-BTRFS_SUPER_MAGIC = 0x9123683E
 
 # -- the kernel interface (include/uapi/linux/btrfs.h, btrfs_tree.h) ---------------------------
 
@@ -232,17 +230,6 @@ def qgroup_destroy(fs_fd: int, qgroupid: int) -> None:
     _ioctl(fs_fd, BTRFS_IOC_QGROUP_CREATE, bytearray(_QGROUP_CREATE.pack(0, qgroupid)))
 
 
-def statfs_type(path: Path | str) -> int:
-    """The ``f_type`` (filesystem magic) of ``statfs(path)``."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
-    if libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), os.fspath(path))
-    f_type: int = struct.unpack_from("@l", buf.raw, 0)[0]
-    return f_type & 0xFFFFFFFF
-
-
 # -- helpers -------------------------------------------------------------------------------------
 
 _SIZE_RE = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*")
@@ -353,7 +340,7 @@ class BtrfsDriver(Driver):
         """The home's nearest existing ancestor must be on btrfs, and we must be root."""
         try:
             anchor = _existing_ancestor(Path(os.path.abspath(home)))
-            magic = statfs_type(anchor)
+            magic = fs_magic(anchor)
         except OSError as exc:
             raise PrerequisitesNotMet(f"cannot reach {exc.filename}: {exc.strerror}", cls.name) from exc
         if magic != BTRFS_SUPER_MAGIC:

@@ -26,11 +26,10 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, NoReturn
+from typing import ClassVar
 
-from graphdriver.drivers.base import Driver
+from graphdriver.drivers.probeonly import ProbeOnlyDriver
 from graphdriver.errors import NotSupported
 
 __all__ = ["DM_CONTROL", "DevmapperDriver", "dm_targets", "kernel_has_device_mapper"]
@@ -58,19 +57,15 @@ def dm_targets(dmsetup: str) -> list[str]:
     return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
 
 
-class DevmapperDriver(Driver):
+class DevmapperDriver(ProbeOnlyDriver):
     """A probe for device-mapper thin provisioning; it never stores layers."""
 
     name: ClassVar[str] = "devmapper"
-
-    def __init__(self, home: Path | str, options: Mapping[str, str] | None = None) -> None:
-        super().__init__(home, options)
-        self.check_support(self.home)
-        raise NotSupported(
-            "device-mapper thin-pool is available, but graphdriver has no devicemapper storage "
-            "(only a probe; containers/storage removed it in 1.54); use overlay2 or btrfs",
-            self.name,
-        )
+    storage: ClassVar[str] = "devicemapper"
+    available_message: ClassVar[str] = (
+        "device-mapper thin-pool is available, but graphdriver has no devicemapper storage "
+        "(only a probe; containers/storage removed it in 1.54); use overlay2 or btrfs"
+    )
 
     @classmethod
     def check_support(cls, home: Path) -> None:
@@ -100,23 +95,3 @@ class DevmapperDriver(Driver):
                 + (", ".join(targets) or "nothing"),
                 cls.name,
             )
-
-    # The constructor always raises; these exist only to make the class concrete.
-
-    def _unreachable(self) -> NoReturn:
-        raise NotSupported("graphdriver has no devicemapper storage", self.name)
-
-    def create(self, id: str, parent: str | None = None) -> None:
-        self._unreachable()
-
-    def remove(self, id: str) -> None:
-        self._unreachable()
-
-    def get(self, id: str, mount_label: str = "") -> Path:
-        self._unreachable()
-
-    def put(self, id: str) -> None:
-        self._unreachable()
-
-    def exists(self, id: str) -> bool:
-        self._unreachable()

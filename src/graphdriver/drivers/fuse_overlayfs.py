@@ -64,7 +64,7 @@ from graphdriver.drivers.mountcount import MountCounter
 from graphdriver.drivers.overlay2 import LINK_DIR, MOUNTS_DIR, Overlay2Driver
 from graphdriver.errors import Busy, InvalidArgument, MountError, NotSupported
 from graphdriver.fs.remove import remove_tree
-from graphdriver.mount import OVERLAY_KERNEL_MAX_LOWERS, is_mountpoint, mounts_under, unmount
+from graphdriver.mount import OVERLAY_KERNEL_MAX_LOWERS, is_mountpoint, unmount
 
 __all__ = ["FuseOverlayfsDriver", "privileged"]
 
@@ -266,59 +266,18 @@ class FuseOverlayfsDriver(Overlay2Driver):
         if parent is not None:
             _drop_private_xattrs(self._require(id) / "diff")
 
-    def get(self, id: str, mount_label: str = "") -> Path:
-        d = self._require(id)
-        lowers = self._lowers(d)
-        diff = d / "diff"
-        if not lowers:
-            self._counter.acquire(id, diff, lambda: None, mounts=False)
-            return diff
-        merged = d / "merged"
+    def _mount_layer(
+        self, id: str, lowers: list[str], merged: Path, mount_label: str, *, readonly: bool
+    ) -> None:
+        """overlay2's stack, mounted by the program (no SELinux context: ``mount_label`` is not
+        used); paths are relative to home, ``l/<LINK>`` for the lowers."""
+        if readonly:
+            self._fuse_mount(merged, [f"{id}/diff", *lowers], None, None)
+        else:
+            self._fuse_mount(merged, lowers, f"{id}/diff", f"{id}/work")
 
-        def do_mount() -> None:
-            merged.mkdir(mode=0o700, exist_ok=True)
-            if (d / "committed").exists():
-                self._fuse_mount(merged, [f"{id}/diff", *lowers], None, None)
-            else:
-                self._fuse_mount(merged, lowers, f"{id}/diff", f"{id}/work")
-
-        self._counter.acquire(id, merged, do_mount)
-        return merged
-
-    def put(self, id: str) -> None:
-        d = self._require(id)
-        if not self._lowers(d):
-            self._counter.release(id, d / "diff", lambda: None)
-            return
-        merged = d / "merged"
-
-        def do_unmount() -> None:
-            self._fuse_unmount(merged)
-            try:
-                merged.rmdir()
-            except OSError:
-                pass
-
-        self._counter.release(id, merged, do_unmount)
-
-    def cleanup(self) -> None:
-        home = os.path.realpath(self.home)
-        for info in mounts_under(home):
-            if info.mount_point != home:
-                self._fuse_unmount(Path(info.mount_point))
-        for entry in os.scandir(self.home):
-            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
-                try:
-                    os.rmdir(os.path.join(entry.path, "merged"))
-                except OSError:
-                    pass
-        try:
-            names = os.listdir(self.home / MOUNTS_DIR)
-        except FileNotFoundError:
-            names = []
-        for name in names:
-            if not name.startswith("."):
-                self._counter.forget(name)
+    def _unmount_layer(self, merged: Path) -> None:
+        self._fuse_unmount(merged)
 
     def _remove_leftovers(self) -> None:
         super()._remove_leftovers()

@@ -108,6 +108,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
+from graphdriver.archive.types import Limits
 from graphdriver.drivers.base import Capabilities, Driver
 from graphdriver.drivers.overlayutils import UNSUPPORTED_BACKING, backing_fs, overlay_in_kernel
 from graphdriver.errors import (
@@ -411,7 +412,9 @@ class OverlayDriver(Driver):
 
     # -- apply_diff: the hard-link farm ----------------------------------------------------------
 
-    def apply_diff(self, id: str, parent: str | None, tar: BinaryIO) -> int:
+    def apply_diff(
+        self, id: str, parent: str | None, tar: BinaryIO, *, limits: Limits | None = None
+    ) -> int:
         """Apply ``tar`` onto ``id``; onto a parent with ``root/``, build a hard-linked ``root/``.
 
         See the module docstring. Returns the size in bytes of the layer's changes.
@@ -420,7 +423,7 @@ class OverlayDriver(Driver):
         parent = validate_parent(parent)
         pdir = self._existing(parent) if parent is not None else None
         if pdir is None or not (pdir / ROOT).is_dir():
-            return super().apply_diff(id, parent, tar)
+            return super().apply_diff(id, parent, tar, limits=limits)
         assert parent is not None
         with self._lock:
             if (d / ROOT).is_dir():
@@ -439,9 +442,11 @@ class OverlayDriver(Driver):
                         f"overlay: layer {id} has changes in its upper; apply_diff runs once, "
                         "on a freshly created layer"
                     )
-            return self._apply_hardlinked(id, d, pdir / ROOT, tar)
+            return self._apply_hardlinked(id, d, pdir / ROOT, tar, limits)
 
-    def _apply_hardlinked(self, id: str, d: Path, parent_root: Path, tar: BinaryIO) -> int:
+    def _apply_hardlinked(
+        self, id: str, d: Path, parent_root: Path, tar: BinaryIO, limits: Limits | None
+    ) -> int:
         from graphdriver.archive.apply import apply_layer
         from graphdriver.archive.changes import changes_dirs, changes_size
         from graphdriver.fs.copy import copy_tree
@@ -450,7 +455,7 @@ class OverlayDriver(Driver):
         tmp = d / (TMPROOT_PREFIX + secrets.token_hex(8))
         try:
             copy_tree(parent_root, tmp, hardlink_files=True)
-            apply_layer(tmp, tar)
+            apply_layer(tmp, tar, limits=limits)
             os.rename(tmp, d / ROOT)
         except BaseException:
             remove_tree(tmp)

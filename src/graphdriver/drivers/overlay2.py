@@ -40,6 +40,16 @@ get(id):
 put(id):
     the last put detaches the mount (``MNT_DETACH``) and removes ``merged/``.
 
+Records. ``link``, ``parent`` and ``lower`` are written without fsync, so that create costs no
+journal commit: a layer store makes them durable with its ``syncfs`` before its database commit,
+and that record (the layer's parent) is the source of truth. What a crash of a process using the
+driver alone can leave is a layer whose files are empty or torn: each is derived data, checked
+where it is read and rebuilt then (written back atomically, fsynced): ``link`` from the ``l/``
+symlink that points at the layer's ``diff/`` (a new one if there is none), ``parent`` from the
+first entry of ``lower``, ``lower`` from ``parent`` and the parent's own link and lower. A layer
+whose ``parent`` and ``lower`` are both lost raises :class:`NotFound` until the store's
+``check --repair`` rewrites them from its record (:meth:`Overlay2Driver.verify_records`).
+
 Native diff: ``changes``, ``diff`` and ``diff_size`` read only ``diff/`` (0/0 char devices are
 deletions, ``trusted.overlay.opaque=y`` an opaque dir) and ``apply_diff`` writes straight into
 ``diff/`` (whiteouts as overlay whiteouts), with no mount. It is used when ``parent`` is the
@@ -71,14 +81,13 @@ import errno
 import os
 import re
 import stat
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
-from graphdriver.archive.types import Change, WhiteoutFormat
+from graphdriver.archive.types import Change, Limits, WhiteoutFormat
 from graphdriver.drivers import overlayutils
 from graphdriver.drivers.base import Capabilities, Driver
 from graphdriver.drivers.mountcount import MountCounter
@@ -92,7 +101,7 @@ from graphdriver.errors import (
     NotSupported,
     PrerequisitesNotMet,
 )
-from graphdriver.fs.remove import remove_tree
+from graphdriver.fs.remove import mount_points_under, remove_tree
 from graphdriver.ids import validate_id, validate_parent
 from graphdriver.mount import (
     OVERLAY_CLASSIC_MAX_LOWERS,
@@ -124,8 +133,31 @@ def _new_link() -> str:
     return base64.b32encode(os.urandom(16)).decode("ascii")[:LINK_LEN]
 
 
+def _parse_lower(text: str) -> list[str] | None:
+    """The entries of a ``lower`` file's text; None when it is empty or torn."""
+    lowers = text.split(":")
+    for lower in lowers:
+        if not lower.startswith(LINK_DIR + "/") or not _LINK_RE.fullmatch(lower[len(LINK_DIR) + 1 :]):
+            return None
+    return lowers
+
+
+def _valid_id(text: str) -> bool:
+    try:
+        validate_id(text)
+    except InvalidArgument:
+        return False
+    return True
+
+
+_libc: ctypes.CDLL | None = None
+
+
 def _rename_noreplace(src: Path, dst: Path) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc
     rc = libc.renameat2(
         _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(_RENAME_NOREPLACE)
     )
@@ -135,21 +167,24 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
 
 
 def _write_file(path: Path, text: str) -> None:
-    """Create ``path`` with ``text``; not yet durable: see :func:`_fsync_files`."""
+    """Create ``path`` with ``text``; not durable (see "Records" in the module doc)."""
     with open(path, "x", encoding="utf-8") as f:
         f.write(text)
 
 
-def _fsync_files(paths: list[Path]) -> None:
-    """fsync each of ``paths``, after all of them were written: the first fsync commits the
-    journal transaction that holds them all (ext4, xfs), so the others cost next to nothing,
-    where fsyncing each right after writing it would commit one transaction per file."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _rewrite_file(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically and durably (a repaired record): a temporary
+    file, fsync, rename. Processes repairing the same file at once write the same text."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _copy_root_attributes(src: Path, dst: Path) -> None:
@@ -340,16 +375,117 @@ class Overlay2Driver(Driver):
             return None
 
     def _lowers(self, d: Path) -> list[str]:
-        """The ``l/<LINK>`` entries of the layer's ``lower`` file, uppermost first."""
+        """The ``l/<LINK>`` entries of the layer's ``lower`` file, uppermost first (none without
+        the file: no parent); an empty or torn file is rebuilt from ``parent`` first."""
         text = self._read(d / "lower")
-        if not text:
+        if text is None:
             return []
-        lowers = text.split(":")
-        for lower in lowers:
-            name = lower.removeprefix(LINK_DIR + "/")
-            if not lower.startswith(LINK_DIR + "/") or not _LINK_RE.fullmatch(name):
-                raise NotFound(f"overlay2: layer {d.name} has a corrupt lower file ({lower!r})")
+        lowers = _parse_lower(text)
+        if lowers is None:
+            lowers = self._expected_lowers(d.name, self._parent_record(d))
+            _rewrite_file(d / "lower", ":".join(lowers))
         return lowers
+
+    def _expected_lowers(self, id: str, parent: str) -> list[str]:
+        """What ``lower`` of ``id`` must hold on ``parent``: its link, then its lowers."""
+        try:
+            pdir = self._require(parent)
+        except NotFound:
+            raise NotFound(f"overlay2: layer {id} lost its lower file; its parent {parent} is gone") from None
+        return [f"{LINK_DIR}/{self._link(pdir)}", *self._lowers(pdir)]
+
+    def _parent_record(self, d: Path) -> str:
+        """The ``parent`` file of a layer that has a parent (its ``lower`` is torn)."""
+        parent = self._read(d / "parent")
+        if not parent or not _valid_id(parent):
+            raise NotFound(
+                f"overlay2: layer {d.name} has lost its parent and lower files (a crash before they were "
+                "synced); the layer store's `check --repair` rewrites them from its record"
+            )
+        return parent
+
+    def _link(self, d: Path) -> str:
+        """The layer's LINK, from its ``link`` file; an empty or torn one is rebuilt from the
+        ``l/`` symlink to its ``diff/`` (a new symlink if there is none)."""
+        link = self._read(d / "link")
+        if link and _LINK_RE.fullmatch(link):
+            return link
+        link = self._find_link(d.name) or self._new_link_to(d.name)
+        _rewrite_file(d / "link", link)
+        return link
+
+    def _find_link(self, id: str) -> str | None:
+        """The name in ``l/`` of the symlink to ``../<id>/diff`` (one readlink per layer)."""
+        target = f"../{id}/diff"
+        with os.scandir(self.home / LINK_DIR) as entries:
+            for entry in entries:
+                if _LINK_RE.fullmatch(entry.name):
+                    try:
+                        if os.readlink(entry.path) == target:
+                            return entry.name
+                    except OSError:
+                        continue
+        return None
+
+    def _new_link_to(self, id: str) -> str:
+        """Make a fresh ``l/<LINK> -> ../<id>/diff``; return LINK."""
+        while True:
+            link = _new_link()
+            try:
+                os.symlink(f"../{id}/diff", self.home / LINK_DIR / link)
+                return link
+            except FileExistsError:
+                continue
+
+    def verify_records(self, id: str, ancestors: Sequence[str], *, repair: bool) -> list[str]:
+        """Check layer ``id``'s ``link``, ``parent`` and ``lower`` files against ``ancestors``, the
+        layer store's record of its parent, grandparent... (uppermost first; the source of truth).
+        Returns what is wrong, one line each (empty when all is right); ``repair`` rewrites each
+        wrong file but those marked "(not repaired)".
+        Reads only unless ``repair``; verify a parent before its children."""
+        d = self._require(id)
+        wrong: list[str] = []
+        link = self._read(d / "link")
+        if not (link and _LINK_RE.fullmatch(link) and self._link_target(link) == f"../{id}/diff"):
+            wrong.append(f"link file {link!r} does not name its l/ symlink")
+            if repair:
+                self._repair_link(d)
+        if not ancestors:
+            for name in ("parent", "lower"):
+                if (d / name).exists():
+                    wrong.append(f"a {name} file, but the record has no parent (not repaired)")
+            return wrong
+        recorded = self._read(d / "parent")
+        if recorded != ancestors[0]:
+            wrong.append(f"parent file {recorded!r}, the record says {ancestors[0]}")
+            if repair:
+                _rewrite_file(d / "parent", ancestors[0])
+        expected = []
+        for ancestor in ancestors:
+            alink = self._read(self._dir(ancestor) / "link")
+            target = f"../{ancestor}/diff"
+            if not (alink and _LINK_RE.fullmatch(alink) and self._link_target(alink) == target):
+                alink = self._find_link(ancestor)
+            if alink is None:
+                wrong.append(f"lower file not checked: ancestor {ancestor} has no l/ link (not repaired)")
+                return wrong
+            expected.append(f"{LINK_DIR}/{alink}")
+        text = self._read(d / "lower")
+        if (None if text is None else _parse_lower(text)) != expected:
+            wrong.append(f"lower file {(text or '')[:60]!r} does not list the parent chain's links")
+            if repair:
+                _rewrite_file(d / "lower", ":".join(expected))
+        return wrong
+
+    def _link_target(self, link: str) -> str | None:
+        try:
+            return os.readlink(self.home / LINK_DIR / link)
+        except OSError:
+            return None
+
+    def _repair_link(self, d: Path) -> None:
+        link = self._find_link(d.name) or self._new_link_to(d.name)
+        _rewrite_file(d / "link", link)
 
     def _lower_diff_dirs(self, d: Path) -> list[str]:
         """The ``diff/`` dirs of the layer's ancestors, uppermost first, from the ``l/`` links."""
@@ -374,7 +510,19 @@ class Overlay2Driver(Driver):
         return (self._dir(id) / "diff").is_dir()
 
     def parent_of(self, id: str) -> str | None:
-        return self._read(self._require(id) / "parent") or None
+        d = self._require(id)
+        parent = self._read(d / "parent")
+        if parent is None or _valid_id(parent):
+            return parent
+        # torn: the first lower is the parent's link, l/<LINK> -> ../<parent>/diff
+        lowers = self._lowers(d)
+        target = self._link_target(lowers[0].removeprefix(LINK_DIR + "/")) if lowers else None
+        m = _LINK_TARGET_RE.fullmatch(target or "")
+        if m is None:
+            raise NotFound(f"overlay2: layer {id} has lost its parent file and its lower does not name it")
+        parent = validate_id(m.group(1))
+        _rewrite_file(d / "parent", parent)
+        return parent
 
     def create(self, id: str, parent: str | None = None) -> None:
         d = self._dir(id)
@@ -385,10 +533,7 @@ class Overlay2Driver(Driver):
         parent_dir: Path | None = None
         if parent is not None:
             parent_dir = self._require(parent)
-            plink = self._read(parent_dir / "link")
-            if not plink or not _LINK_RE.fullmatch(plink):
-                raise NotFound(f"overlay2: parent {parent} has no valid link file")
-            lowers = [f"{LINK_DIR}/{plink}", *self._lowers(parent_dir)]
+            lowers = [f"{LINK_DIR}/{self._link(parent_dir)}", *self._lowers(parent_dir)]
             limit = self.capabilities.max_depth or OVERLAY_KERNEL_MAX_LOWERS
             if len(lowers) > limit:
                 raise InvalidArgument(
@@ -396,7 +541,7 @@ class Overlay2Driver(Driver):
                     f"lower layers, at most {limit} fit in one overlay mount here"
                 )
 
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_CREATE}{os.getpid()}-", dir=self.home))
+        tmp = self._new_tmp_dir()
         link_path: Path | None = None
         try:
             (tmp / "diff").mkdir(mode=0o755)
@@ -415,8 +560,7 @@ class Overlay2Driver(Driver):
                     break
                 except FileExistsError:
                     continue
-            _write_file(tmp / "link", link)
-            _fsync_files([tmp / "link", *([tmp / "lower", tmp / "parent"] if parent is not None else [])])
+            _write_file(tmp / "link", link)  # no fsync: see "Records" in the module doc
             try:
                 _rename_noreplace(tmp, d)
             except OSError as exc:
@@ -431,6 +575,17 @@ class Overlay2Driver(Driver):
         if parent_dir is not None:
             (parent_dir / "committed").touch()
 
+    def _new_tmp_dir(self) -> Path:
+        """A fresh ``.tmp-create-<pid>-<random>/`` (0700) in home (tempfile.mkdtemp costs a
+        random generator and path-type checks that the first create of a process pays)."""
+        while True:
+            tmp = self.home / f"{_TMP_CREATE}{os.getpid()}-{os.urandom(6).hex()}"
+            try:
+                tmp.mkdir(mode=0o700)
+                return tmp
+            except FileExistsError:
+                continue
+
     def remove(self, id: str) -> None:
         d = self._require(id)
         merged = d / "merged"
@@ -439,7 +594,12 @@ class Overlay2Driver(Driver):
             if not (d / "diff").is_dir():
                 raise NotFound(f"overlay2: no layer {id}")  # removed meanwhile by another process
             if is_mountpoint(merged):
-                unmount(merged, detach=True)
+                self._unmount_layer(merged)
+            # anything else mounted inside (a leaked bind mount) makes the layer busy, checked
+            # before the rename so that a refusal leaves the layer exactly as it was
+            inside = mount_points_under(d)
+            if inside:
+                raise Busy(f"overlay2: layer {id} has a mount inside it: {inside[0]}")
             link = self._read(d / "link")
             doomed = self.home / f"{_TMP_REMOVE}{os.getpid()}-{id}-{os.urandom(4).hex()}"
             _rename_noreplace(d, doomed)
@@ -462,32 +622,7 @@ class Overlay2Driver(Driver):
 
         def do_mount() -> None:
             merged.mkdir(mode=0o700, exist_ok=True)
-            lower_paths: list[Path | str]
-            if self._new_api:  # no page limit: name each lower's diff/ itself, the fastest lookup
-                lower_paths = list(self._lower_diff_dirs(d))
-            else:  # l/<LINK>: 28 bytes per lower once made relative to home
-                home = str(self.home)
-                lower_paths = [f"{home}/{lower}" for lower in lowers]
-            options = self._base_options(mount_label)
-            if (d / "committed").exists():
-                mount_overlay(
-                    merged,
-                    lowers=[diff, *lower_paths],
-                    options=options,
-                    relative_to=self.home,
-                    readonly=True,
-                    new_api=self._new_api,
-                )
-            else:
-                mount_overlay(
-                    merged,
-                    lowers=lower_paths,
-                    upper=diff,
-                    work=d / "work",
-                    options=options,
-                    relative_to=self.home,
-                    new_api=self._new_api,
-                )
+            self._mount_layer(id, lowers, merged, mount_label, readonly=(d / "committed").exists())
 
         self._counter.acquire(id, merged, do_mount)
         return merged
@@ -500,7 +635,7 @@ class Overlay2Driver(Driver):
         merged = d / "merged"
 
         def do_unmount() -> None:
-            unmount(merged, detach=True)
+            self._unmount_layer(merged)
             try:
                 merged.rmdir()
             except OSError:
@@ -512,7 +647,7 @@ class Overlay2Driver(Driver):
         home = os.path.realpath(self.home)
         for info in mounts_under(home):
             if info.mount_point != home:
-                unmount(info.mount_point, detach=True)
+                self._unmount_layer(Path(info.mount_point))
         for entry in os.scandir(self.home):
             if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
                 try:
@@ -528,6 +663,48 @@ class Overlay2Driver(Driver):
         for name in names:
             if not name.startswith("."):
                 self._counter.forget(name)
+
+    # -- mounting: the two hooks fuse-overlayfs overrides ----------------------------------------
+
+    def _mount_layer(
+        self, id: str, lowers: list[str], merged: Path, mount_label: str, *, readonly: bool
+    ) -> None:
+        """Mount layer ``id``'s stack on ``merged``. ``lowers`` are its ancestors' ``l/<LINK>``
+        entries, uppermost first. Read-write with ``<id>/diff`` as the upper dir (``<id>/work``
+        its workdir), or, ``readonly`` (the layer has children), with ``<id>/diff`` as the
+        uppermost lower: a dir in use as one mount's upper must not be another's lower."""
+        d = self.home / id
+        diff = d / "diff"
+        lower_paths: list[Path | str]
+        if self._new_api:  # no page limit: name each lower's diff/ itself, the fastest lookup
+            lower_paths = list(self._lower_diff_dirs(d))
+        else:  # l/<LINK>: 28 bytes per lower once made relative to home
+            home = str(self.home)
+            lower_paths = [f"{home}/{lower}" for lower in lowers]
+        options = self._base_options(mount_label)
+        if readonly:
+            mount_overlay(
+                merged,
+                lowers=[diff, *lower_paths],
+                options=options,
+                relative_to=self.home,
+                readonly=True,
+                new_api=self._new_api,
+            )
+        else:
+            mount_overlay(
+                merged,
+                lowers=lower_paths,
+                upper=diff,
+                work=d / "work",
+                options=options,
+                relative_to=self.home,
+                new_api=self._new_api,
+            )
+
+    def _unmount_layer(self, merged: Path) -> None:
+        """Detach the mount on ``merged`` (``MNT_DETACH``)."""
+        unmount(merged, detach=True)
 
     def status(self) -> list[tuple[str, str]]:
         native = "true" if self._native_reason is None else f"false ({self._native_reason})"
@@ -593,25 +770,41 @@ class Overlay2Driver(Driver):
         diff, changes = self._native_changes(id)
         return changes_size(diff, changes)
 
-    def apply_diff(self, id: str, parent: str | None, tar: BinaryIO) -> int:
+    def apply_diff(
+        self, id: str, parent: str | None, tar: BinaryIO, *, limits: Limits | None = None
+    ) -> int:
+        """Natively, the tar is applied straight into ``diff/`` with overlay whiteouts, its paths
+        resolved in the merged view of the lower layers where ``diff/`` alone cannot (a parent
+        directory, symlink or hard-link target that only a lower layer holds is copied up). The
+        size is measured by the applier from what it wrote (``ApplyStats.changes_size``, equal to
+        :meth:`diff_size`); only when it cannot (``diff/`` was not empty) are the changes walked."""
         parent = validate_parent(parent)
         if self.native_diff_reason(id, parent) is not None or self._counter.count(id) > 0:
-            return super().apply_diff(id, parent, tar)
+            return super().apply_diff(id, parent, tar, limits=limits)
         from graphdriver.archive.apply import apply_layer
         from graphdriver.archive.changes import changes_size
 
-        diff = self._require(id) / "diff"
-        apply_layer(diff, tar, whiteout_format=WhiteoutFormat.OVERLAY)
+        d = self._require(id)
+        stats = apply_layer(
+            d / "diff",
+            tar,
+            whiteout_format=WhiteoutFormat.OVERLAY,
+            limits=limits,
+            lowers=self._lower_diff_dirs(d),
+        )
+        if stats.changes_size is not None:
+            return stats.changes_size
         diff, changes = self._native_changes(id)
         return changes_size(diff, changes)
 
     # -- applying the layers of one stack at the same time (LayerStore.import_layers) -------------
 
     def applies_alone(self, id: str, parent: str | None) -> bool:
-        """Whether :meth:`apply_diff` of ``id`` on ``parent`` writes only ``id``'s own ``diff/``
-        and reads nothing of any other layer: a layer without a parent, or the native path. Then
-        the layers of one stack can be applied at the same time with :meth:`apply_unmeasured`,
-        and measured with :meth:`applied_size` once they all are."""
+        """Whether :meth:`apply_diff` of ``id`` on ``parent`` writes only ``id``'s own ``diff/``:
+        a layer without a parent, or the native path. Then the layers of one stack can be applied
+        at the same time with :meth:`apply_unmeasured` (which raises
+        :class:`~graphdriver.archive.apply.LowerLayersNeeded` for a layer that needs to read its
+        lower layers after all), and measured with :meth:`applied_size` once they all are."""
         parent = validate_parent(parent)
         if self._counter.count(id) > 0:
             return False
@@ -619,19 +812,32 @@ class Overlay2Driver(Driver):
             return self.parent_of(id) is None
         return self.native_diff_reason(id, parent) is None
 
-    def apply_unmeasured(self, id: str, parent: str | None, tar: BinaryIO) -> None:
-        """:meth:`apply_diff` without its size (which reads the lower layers): only where
-        :meth:`applies_alone` holds."""
+    def apply_unmeasured(
+        self, id: str, parent: str | None, tar: BinaryIO, *, limits: Limits | None = None
+    ) -> None:
+        """:meth:`apply_diff` without its size and without reading the lower layers (which may
+        not be complete yet): only where :meth:`applies_alone` holds.
+
+        Raises :class:`~graphdriver.archive.apply.LowerLayersNeeded` when an entry needs them (a
+        parent directory, opaque directory or hard-link target not in the layer itself); ``diff/``
+        is then partially applied: remove and re-create the layer, and apply it with
+        :meth:`apply_diff` once its lower layers are complete."""
         parent = validate_parent(parent)
         if not self.applies_alone(id, parent):
             raise InvalidArgument(f"overlay2: layer {id} cannot be applied apart from its parent")
-        from graphdriver.archive.apply import apply_layer
+        from graphdriver.archive.apply import ApplyOptions, apply_layer
 
         diff = self._require(id) / "diff"
         if parent is None:
-            apply_layer(diff, tar)  # as Driver.apply_diff does through get(), which is diff/
+            apply_layer(diff, tar, limits=limits)  # as Driver.apply_diff does through get(): diff/
         else:
-            apply_layer(diff, tar, whiteout_format=WhiteoutFormat.OVERLAY)
+            apply_layer(
+                diff,
+                tar,
+                whiteout_format=WhiteoutFormat.OVERLAY,
+                limits=limits,
+                options=ApplyOptions(lowers_unavailable=True),
+            )
 
     def applied_size(self, id: str, parent: str | None) -> int:
         """What :meth:`apply_diff` returns for the layer as it is now (its lower layers complete)."""

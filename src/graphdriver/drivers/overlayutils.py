@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from graphdriver.fs.remove import remove_tree
+from graphdriver.fs.statfs import FS_MAGIC, fs_magic
 from graphdriver.mount import MountInfo, mount_overlay, mounts, unmount
 
 __all__ = [
@@ -58,26 +59,9 @@ __all__ = [
 _SYS_GETDENTS64 = 217 if os.uname().machine == "x86_64" else 61
 DT_UNKNOWN = 0
 
-FS_NAMES = {
-    0xEF53: "extfs",
-    0x58465342: "xfs",
-    0x9123683E: "btrfs",
-    0x01021994: "tmpfs",
-    0x858458F6: "ramfs",
-    0x794C7630: "overlayfs",
-    0x2FC12FC1: "zfs",
-    0x6969: "nfs",
-    0xF2F52010: "f2fs",
-    0x65735546: "fuse",
-    0x61756673: "aufs",
-    0xF15F: "ecryptfs",
-    0x52654973: "reiserfs",
-    0x73717368: "squashfs",
-    0x3153464A: "jfs",
-    0xFF534D42: "cifs",
-    0xCA451A4E: "bcachefs",
-    0xE0F5E1E2: "erofs",
-}
+_MOBY_SPELLING = {"ext4": "extfs", "overlay": "overlayfs"}
+"""Where moby's ``graphdriver.FsNames`` names a filesystem otherwise than the kernel
+(:data:`graphdriver.fs.statfs.FS_MAGIC`): the overlay drivers report moby's names."""
 UNSUPPORTED_BACKING = {"overlayfs", "aufs", "ecryptfs", "nfs", "cifs", "squashfs", "erofs"}
 """Filesystems an overlay upper dir cannot live on (or that would stack overlay on overlay)."""
 
@@ -109,20 +93,12 @@ def nearest_existing(path: Path) -> Path:
     return p
 
 
-def fs_magic(path: Path) -> int:
-    """The ``f_type`` of ``statfs(path)``."""
-    buf = ctypes.create_string_buffer(256)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
-
-
 def backing_fs(path: Path) -> str:
-    """The name of the filesystem that holds ``path`` (or its nearest existing ancestor)."""
+    """The name of the filesystem that holds ``path`` (or its nearest existing ancestor), as
+    moby spells it (``extfs``, ``overlayfs``), or ``unknown (0x<magic>)``."""
     magic = fs_magic(nearest_existing(path))
-    return FS_NAMES.get(magic, f"unknown (0x{magic:x})")
+    name = FS_MAGIC.get(magic)
+    return f"unknown (0x{magic:x})" if name is None else _MOBY_SPELLING.get(name, name)
 
 
 def _dirent_types(directory: Path) -> dict[str, int]:

@@ -45,6 +45,7 @@ from graphdriver.drivers.base import Capabilities, Driver
 from graphdriver.errors import AlreadyExists, Busy, InvalidArgument, NotFound
 from graphdriver.fs.copy import copy_tree, supports_reflink
 from graphdriver.fs.remove import mount_points_under, remove_tree
+from graphdriver.fs.statfs import filesystem_type
 from graphdriver.ids import validate_id, validate_parent
 
 __all__ = ["VfsDriver", "filesystem_type"]
@@ -54,42 +55,8 @@ PARENTS_DIR = "parents"
 TMP_PREFIX = ".tmp-"
 RM_PREFIX = ".rm-"
 
-_FS_MAGIC = {
-    0xEF53: "ext4",
-    0x58465342: "xfs",
-    0x9123683E: "btrfs",
-    0x01021994: "tmpfs",
-    0x858458F6: "ramfs",
-    0x794C7630: "overlay",
-    0x2FC12FC1: "zfs",
-    0xF2F52010: "f2fs",
-    0xCA451A4E: "bcachefs",
-    0x65735546: "fuse",
-    0x6969: "nfs",
-    0xFF534D42: "cifs",
-    0xFE534D42: "smb2",
-    0x01021997: "9p",
-    0x73717368: "squashfs",
-    0xE0F5E1E2: "erofs",
-    0x61756673: "aufs",
-    0x52654973: "reiserfs",
-    0x3153464A: "jfs",
-    0xF15F: "ecryptfs",
-}
-
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
-
-
-def filesystem_type(path: Path | str) -> str:
-    """The name of the filesystem holding ``path`` (from ``statfs`` f_type), or its magic in hex."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
-    if libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-    magic = ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
-    return _FS_MAGIC.get(magic, f"0x{magic:x}")
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:
@@ -276,6 +243,11 @@ class VfsDriver(Driver):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
+            return
+        except (NotADirectoryError, OSError) as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            os.unlink(path)  # never a create of ours (those are directories): removed, not followed
             return
         try:
             try:

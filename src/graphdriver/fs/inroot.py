@@ -63,7 +63,7 @@ _RESOLVE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 # syscall(2) is variadic and reads longs: pass the number and the size as C longs explicitly
 _NR_OPENAT2 = ctypes.c_long(_SYS_OPENAT2)
 _HOW_SIZE_ARG = ctypes.c_size_t(_HOW_SIZE)
-_hows: dict[tuple[int, int], tuple[_OpenHow, object]] = {}  # (flags, mode) -> (struct, byref)
+_hows: dict[tuple[int, int, int], tuple[_OpenHow, object]] = {}  # (flags, mode, resolve) -> (struct, byref)
 _available: bool | None = None
 _forced = threading.local()
 _forced.active = False
@@ -101,23 +101,27 @@ def force_fallback() -> Iterator[None]:
         _forced_anywhere -= 1
 
 
-def open_in_root(root_fd: int, relpath: str | bytes, flags: int, mode: int = 0) -> int:
+def open_in_root(
+    root_fd: int, relpath: str | bytes, flags: int, mode: int = 0, *, symlinks: bool = True
+) -> int:
     """Open ``relpath`` inside the directory ``root_fd`` with chroot-like resolution; return the fd.
 
     ``relpath`` may be absolute (it is taken relative to the root) and may contain symlinks and
     ``..``; none of them can leave the root. ``flags`` are :func:`os.open` flags (``O_CLOEXEC`` is
     always added); ``O_NOFOLLOW`` applies to the last component, as usual. ``mode`` is used with
-    ``O_CREAT``.
+    ``O_CREAT``. With ``symlinks=False`` a symlink anywhere on the path is ``ELOOP``
+    (``RESOLVE_NO_SYMLINKS``): the fd is then known to be reached through real directories only.
     """
     path = relpath.encode("utf-8", "surrogateescape") if isinstance(relpath, str) else relpath
-    prepared = _hows.get((flags, mode))
+    resolve = _RESOLVE if symlinks else _RESOLVE | RESOLVE_NO_SYMLINKS
+    prepared = _hows.get((flags, mode, resolve))
     if prepared is None:
         if _available is None:
             openat2_available()
-        how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, _RESOLVE)
-        prepared = _hows[(flags, mode)] = (how, ctypes.byref(how))
+        how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve)
+        prepared = _hows[(flags, mode, resolve)] = (how, ctypes.byref(how))
     if not _available or (_forced_anywhere and getattr(_forced, "active", False)):
-        return open_in_root_fallback(root_fd, path, flags, mode)
+        return open_in_root_fallback(root_fd, path, flags, mode, symlinks=symlinks)
     ref = prepared[1]
     for _ in range(_EAGAIN_RETRIES):
         fd: int = _syscall(_NR_OPENAT2, ctypes.c_long(root_fd), path or b".", ref, _HOW_SIZE_ARG)
@@ -128,7 +132,7 @@ def open_in_root(root_fd: int, relpath: str | bytes, flags: int, mode: int = 0) 
             continue
         if err != errno.EAGAIN:  # EAGAIN: a concurrent rename or mount somewhere; retry
             raise OSError(err, os.strerror(err), os.fsdecode(path))
-    return open_in_root_fallback(root_fd, path, flags, mode)
+    return open_in_root_fallback(root_fd, path, flags, mode, symlinks=symlinks)
 
 
 def _components(path: bytes) -> list[bytes]:
@@ -136,7 +140,9 @@ def _components(path: bytes) -> list[bytes]:
     return [c for c in reversed(path.split(b"/")) if c and c != b"."]
 
 
-def open_in_root_fallback(root_fd: int, relpath: str | bytes, flags: int, mode: int = 0) -> int:
+def open_in_root_fallback(
+    root_fd: int, relpath: str | bytes, flags: int, mode: int = 0, *, symlinks: bool = True
+) -> int:
     """The user-space equivalent of :func:`open_in_root` (used when ``openat2`` is unavailable)."""
     path = os.fsencode(relpath)
     if len(path) >= _PATH_MAX:  # as the kernel refuses the path argument of openat2
@@ -151,6 +157,8 @@ def open_in_root_fallback(root_fd: int, relpath: str | bytes, flags: int, mode: 
     def expand(target: bytes) -> None:
         nonlocal hops
         hops += 1
+        if not symlinks:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fsdecode(path))
         if hops > MAX_SYMLINKS:
             raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fsdecode(path))
         if not target:

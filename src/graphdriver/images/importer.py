@@ -21,6 +21,10 @@ Steps, each a clean stop on failure:
    :meth:`LayerStore.import_layer`: the blob's size is checked against its descriptor before it is
    read, and the store checks the blob digest, the size and the diff ID from the config over the
    whole stream. Layers the store has already (same chain ID) are not read at all.
+   From an OCI layout directory, on a driver that applies each layer into its own directory
+   (overlay2, fuse-overlayfs), the missing layers are applied at the same time instead, each in a
+   forked worker (:meth:`LayerStore.import_layers`), when that pays: at least two of them are
+   big (:data:`PARALLEL_MIN_BLOB`); a fork per tiny layer costs more than it saves.
 4. Record the image (id = config digest), its manifest and names, in one transaction, while the
    lease still holds the layers.
 
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -56,9 +60,11 @@ from graphdriver.layers.digests import chain_ids
 
 if TYPE_CHECKING:
     from graphdriver.images.imagestore import Image, ImageStore
+    from graphdriver.layers.store import LayerStore
 
 __all__ = [
     "FORMATS",
+    "PARALLEL_MIN_BLOB",
     "ImportProgress",
     "import_image",
     "parse_source",
@@ -67,6 +73,9 @@ __all__ = [
 ]
 
 FORMATS = ("oci", "oci-archive", "docker-archive")
+
+PARALLEL_MIN_BLOB = 4 << 20
+"""blobs of at least this size count as big: with two or more, layers are applied in parallel"""
 
 
 @dataclass
@@ -182,6 +191,7 @@ def import_image(
     names: Sequence[str] = (),
     limits: Limits | None = None,
     progress: ImportProgress | None = None,
+    parallel_apply: bool | None = None,
 ) -> Image:
     """Import the image at ``source`` (see the module docstring) and return it.
 
@@ -189,6 +199,9 @@ def import_image(
     ``source``); ``platform`` (``"linux/arm64"``) picks among the manifests of an index (default:
     this machine's); ``names`` replace the names the source gives (``docker.io/x:tag`` form,
     normalised). ``limits`` bound each layer (:class:`~graphdriver.archive.types.Limits`).
+    ``parallel_apply``: apply the missing layers of an OCI layout directory at the same time
+    (:meth:`LayerStore.import_layers`); None: where the driver can and two or more layers are big
+    (:data:`PARALLEL_MIN_BLOB`); False: one after the other.
     """
     fmt, path, source_ref = parse_source(source, format)
     want_platform = Platform.parse(platform) if isinstance(platform, str) else platform
@@ -210,7 +223,8 @@ def import_image(
         try:
             with images.lease(chain):
                 top = _import_layers(
-                    images, files, image=image, chain=chain, created=created, limits=limits, progress=progress
+                    images, files, image=image, chain=chain, created=created, limits=limits,
+                    progress=progress, parallel_apply=parallel_apply,
                 )
                 return record_image(images, image, top, new_names or list(image.names))
         except BaseException:
@@ -232,6 +246,7 @@ def _import_layers(
     created: list[str],
     limits: Limits | None,
     progress: ImportProgress,
+    parallel_apply: bool | None = None,
 ) -> str | None:
     store = images.layers
     have: dict[int, str] = {}
@@ -254,6 +269,16 @@ def _import_layers(
     progress.layers_total = len(chain)
     progress.layers_done = len(have)
     progress.skipped = [image.config.diff_ids[i] for i in sorted(have)]
+    on_top = bool(todo) and sorted(have) == list(range(todo[0]))  # the missing layers: the top of the stack
+    if (
+        on_top
+        and isinstance(files, DirFiles)
+        and _worth_parallel(store, [sizes[i] for i in todo], parallel_apply)
+    ):
+        return _import_stack(
+            store, files, image=image, todo=todo, have=have, sizes=sizes, created=created, limits=limits,
+            progress=progress,
+        )
     parent: str | None = None
     streams = files.open_in_order([image.layers[i].name for i in todo])
     try:
@@ -280,6 +305,45 @@ def _import_layers(
     finally:
         streams.close()
     return parent
+
+
+def _worth_parallel(store: LayerStore, sizes: Sequence[int], wanted: bool | None) -> bool:
+    if wanted is False or len(sizes) < 2 or not callable(getattr(store.driver, "applies_alone", None)):
+        return False
+    return bool(wanted) or sum(1 for s in sizes if s >= PARALLEL_MIN_BLOB) >= 2
+
+
+def _import_stack(
+    store: LayerStore,
+    files: DirFiles,
+    *,
+    image: ResolvedImage,
+    todo: Sequence[int],
+    have: dict[int, str],
+    sizes: dict[int, int],
+    created: list[str],
+    limits: Limits | None,
+    progress: ImportProgress,
+) -> str | None:
+    """The missing layers ``todo`` (the top of the stack) through :meth:`LayerStore.import_layers`."""
+    from graphdriver.layers.store import LayerBlob
+
+    parent = have[todo[0] - 1] if todo[0] else None
+
+    def event(k: int, what: str) -> None:
+        if what == "applied":
+            progress.done += sizes[todo[k]]
+            progress.layers_done += 1
+
+    with ExitStack() as stack:
+        blobs = []
+        for i in todo:
+            spec = image.layers[i]
+            blob = stack.enter_context(os.fdopen(files._open(spec.name), "rb"))
+            blobs.append(LayerBlob(blob, image.config.diff_ids[i], spec.digest, sizes[i]))
+        layers = store.import_layers(blobs, parent, limits=limits, on_event=event)
+    created.extend(la.id for la in layers)
+    return layers[-1].id
 
 
 def record_image(images: ImageStore, image: ResolvedImage, top: str | None, names: list[str]) -> Image:

@@ -15,6 +15,9 @@ orphan-data        driver data (or a tar-split) with no record       driver.remo
 chain-id           a chain ID that is not sha256(parent chain, diff) remove it and its descendants
 content            (``verify_content``) the stored content no        remove it and its descendants
                    longer hashes to its diff ID
+driver-records     the driver's own records of a layer (overlay2:    rewrite them from the
+                   ``link``, ``parent``, ``lower``) torn or not      record's parent chain
+                   matching the record's parent chain
 bad-mount-count    a count the kernel does not agree with, one from  reset it to 0 (releasing the
                    an earlier boot, or a mount that died half way    driver's get)
 leaked-mount       a mount of a layer whose count is 0               unmount it
@@ -61,6 +64,7 @@ class ProblemKind(enum.StrEnum):
     ORPHAN_DATA = "orphan-data"
     CHAIN_ID = "chain-id"
     CONTENT = "content"
+    DRIVER_RECORDS = "driver-records"
     BAD_MOUNT_COUNT = "bad-mount-count"
     LEAKED_MOUNT = "leaked-mount"
     STAGING = "staging"
@@ -293,6 +297,7 @@ class _Checker:
             if self.repair:
                 self.remove_tree_of(p, layer.id, by_id)
 
+        self.driver_records(everything, by_id)
         for layer in everything:
             if layer.state is not LayerState.COMPLETE or layer.id in self.gone:
                 continue
@@ -390,6 +395,40 @@ class _Checker:
                 )
                 if self.repair:
                     self.remove_tree_of(p, layer.id, by_id)
+
+    def driver_records(self, everything: list[Layer], by_id: dict[str, Layer]) -> None:
+        """The driver's derived records of each layer against the store's parent chain
+        (``Driver.verify_records``; overlay2's create does not fsync them), parents first, so
+        that a child is compared with its repaired parent."""
+        verify = self.store.driver.verify_records
+
+        def ancestors(layer: Layer) -> list[str] | None:
+            chain: list[str] = []
+            cur = layer.parent
+            while cur is not None:
+                if cur not in by_id or len(chain) > len(by_id):
+                    return None  # dangling (reported below) or a cycle
+                chain.append(cur)
+                cur = by_id[cur].parent
+            return chain
+
+        chains = {la.id: ancestors(la) for la in everything if la.state is LayerState.COMPLETE}
+        exists = {la.id: self.store.driver.exists(la.id) for la in everything}
+        for layer_id, chain in sorted(chains.items(), key=lambda item: len(item[1] or ())):
+            if chain is None or layer_id in self.gone or not all(exists[i] for i in (layer_id, *chain)):
+                continue  # a missing layer (its own or an ancestor's data) is reported below
+            with _try_lock(self.store, layer_id) as free:
+                if not free:
+                    continue
+                try:
+                    wrong = verify(layer_id, chain, repair=self.repair)
+                except (OSError, GraphDriverError) as exc:
+                    wrong = [f"cannot be checked: {exc} (not repaired)"]
+                if wrong:
+                    text = f"layer {layer_id}: " + "; ".join(wrong)
+                    p = self.add(ProblemKind.DRIVER_RECORDS, layer_id, text)
+                    if self.repair and "(not repaired)" not in text:
+                        p.repaired, p.action = True, "driver records rewritten from the parent chain"
 
     def orphans(self, driver_ids: list[str], by_id: dict[str, Layer]) -> None:
         store = self.store

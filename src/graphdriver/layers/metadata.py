@@ -43,6 +43,7 @@ container or a live lease uses cannot be removed either (:meth:`Txn.layer_users`
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import sqlite3
 import threading
@@ -449,8 +450,22 @@ class Txn:
         self.conn.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
 
 
+_ENVIRONMENT_ERRNOS = {
+    "SQLITE_FULL": errno.ENOSPC,
+    "SQLITE_READONLY": errno.EROFS,
+    "SQLITE_IOERR": errno.EIO,
+}
+"""SQLite result codes (primary, by name) that describe the machine, not the database: the
+operation failed and can be retried once the cause is gone, so they are :class:`OSError`, never
+:class:`StoreCorrupt` (which sends the user to ``check --repair``)."""
+
+
 def _wrap(exc: sqlite3.Error, db: Path) -> Exception:
     text = str(exc)
+    name = str(getattr(exc, "sqlite_errorname", "") or "")
+    for prefix, code in _ENVIRONMENT_ERRNOS.items():
+        if name == prefix or name.startswith(prefix + "_"):
+            return OSError(code, f"{db}: {text}")
     if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
         return Busy(f"{db}: {text} (another process held it past the {BUSY_TIMEOUT_S:.0f} s busy timeout)")
     if isinstance(exc, sqlite3.IntegrityError):

@@ -21,6 +21,7 @@ directories (data with no record at all) are not touched here; ``check`` reports
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -139,8 +140,12 @@ def clean_staging(store: LayerStore, report: RecoveryReport) -> None:
     for name in entries:
         if name.endswith(".lock"):
             continue
-        lock = FileLock(store.staging_root / (name + ".lock"))
-        if not lock.try_acquire():
+        try:
+            lock = _staging_lock(store.staging_root / (name + ".lock"))
+        except (OSError, GraphDriverError) as exc:
+            report.errors.append(f"staging/{name}.lock: {exc}")
+            continue
+        if lock is None:
             continue
         try:
             path = store.staging_root / name
@@ -154,10 +159,35 @@ def clean_staging(store: LayerStore, report: RecoveryReport) -> None:
             lock.release(unlink=True)
     # lock files left by a crash between mkdtemp and its lock, or after its removal
     for name in entries:
-        if name.endswith(".lock") and not (store.staging_root / name[: -len(".lock")]).exists():
-            lock = FileLock(store.staging_root / name)
-            if lock.try_acquire():
+        if name.endswith(".lock") and not os.path.lexists(store.staging_root / name[: -len(".lock")]):
+            try:
+                lock = _staging_lock(store.staging_root / name)
+            except (OSError, GraphDriverError) as exc:
+                report.errors.append(f"staging/{name}: {exc}")
+                continue
+            if lock is not None:
                 lock.release(unlink=True)
+
+
+def _staging_lock(path: Path) -> FileLock | None:
+    """The lock of a staging entry, taken; None while a live process holds it.
+
+    A lock is always a regular file this store made. Anything else at its name (a symlink, a
+    directory: planted, never followed) is removed first, as it cannot be any process's lock.
+    """
+    from graphdriver.fs.remove import remove_tree
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
+            remove_tree(path)
+        else:
+            os.unlink(path)
+    lock = FileLock(path)
+    return lock if lock.try_acquire() else None
 
 
 def recover(store: LayerStore) -> RecoveryReport:

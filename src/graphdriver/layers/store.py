@@ -57,7 +57,7 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +148,9 @@ class LayerBlob:
     diff_id: str | None = None
     digest: str | None = None
     size: int | None = None
+    reopen: Callable[[], BinaryIO] | None = None
+    """a fresh stream of the same blob from its start, for a layer that has to be applied again
+    once its lower layers are complete (None: ``blob.seek(0)``)"""
 
 
 @dataclass(frozen=True)
@@ -518,7 +521,9 @@ class LayerStore:
                             cast(BinaryIO, TeeReader(tar, split.recorder)),
                             algorithm(expected_diff_id) if expected_diff_id else "sha256",
                         )
-                        size = self.driver.apply_diff(layer_id, parent_id, cast(BinaryIO, tar_digest))
+                        size = self.driver.apply_diff(
+                            layer_id, parent_id, cast(BinaryIO, tar_digest), limits=limits
+                        )
                         faults.fault("import.after-apply")
                         drain(cast(BinaryIO, tar_digest))
                     drain(cast(BinaryIO, compressed))
@@ -584,6 +589,7 @@ class LayerStore:
         *,
         limits: Limits | None = None,
         workers: int | None = None,
+        on_event: Callable[[int, str], None] | None = None,
     ) -> list[Layer]:
         """Import a stack of layer blobs, each on the previous one (the first on ``parent``): the
         same layers, records and errors as :meth:`import_layer` called for each in turn.
@@ -591,9 +597,19 @@ class LayerStore:
         When every blob has its ``diff_id`` and the driver applies each layer into its own
         directory without reading the others (overlay2's native path, ``applies_alone``), the
         blobs are applied at the same time in up to ``workers`` forked processes (default: the
-        CPU count), then measured, synced once and committed bottom-up. Layers whose chain ID is
-        stored already are reused and not read. Otherwise this is the loop over
-        :meth:`import_layer`. On any failure nothing of this call is left behind.
+        CPU count), then measured, synced once and committed bottom-up. A layer that turns out to
+        need its lower layers' content while it is applied (an entry under a directory that only
+        a lower layer has, e.g. ``lib/x`` below a ``lib -> usr/lib`` symlink:
+        :class:`~graphdriver.archive.apply.LowerLayersNeeded`) is applied again from the start of
+        its blob (``LayerBlob.reopen``) once the layers below it are complete, and so are the
+        layers above it. Layers whose chain ID is stored already are reused and not read.
+        Otherwise this is the loop over :meth:`import_layer`. On any failure nothing of this call
+        is left behind.
+
+        A worker reads its blob in a forked process: a blob must be readable there (a file, or a
+        reader that needs no thread of this process). ``on_event(i, what)`` is called in this
+        process with ``what`` = ``"applying"`` when layer ``blobs[i]`` starts and ``"applied"``
+        when its content is in place (verification and commit follow).
         """
         limits = limits or Limits()
         for spec in blobs:
@@ -613,7 +629,7 @@ class LayerStore:
                 below = chain_id(below, cast(str, spec.diff_id))
                 chains.append(below)
         if not applies_alone or workers < 2 or len(blobs) < 2 or len(chains) != len(blobs):
-            return self._import_one_by_one(blobs, parent, limits)
+            return self._import_one_by_one(blobs, parent, limits, on_event=on_event)
         with ExitStack() as stack:
             for chain in chains:  # bottom-up, as every import takes them
                 stack.enter_context(self.locks.holding(self.locks.chain(chain), unlink=True))
@@ -625,12 +641,20 @@ class LayerStore:
                 done.append(existing)
             below_layer = done[-1] if done else parent_layer
             todo = list(blobs[len(done) :])
+            skip = len(done)
+
+            def shifted(k: int, what: str) -> None:
+                if on_event is not None:
+                    on_event(skip + k, what)
+
             if len(todo) < 2:
                 below_id = None if below_layer is None else below_layer.id
                 return done + self._import_one_by_one(
-                    todo, below_id, limits, locked_chains=chains[len(done) :]
+                    todo, below_id, limits, locked_chains=chains[len(done) :], on_event=shifted
                 )
-            return done + self._build_stack(todo, chains[len(done) :], below_layer, limits, workers)
+            return done + self._build_stack(
+                todo, chains[len(done) :], below_layer, limits, workers, on_event=shifted
+            )
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _import_one_by_one(
@@ -640,6 +664,7 @@ class LayerStore:
         limits: Limits,
         *,
         locked_chains: Sequence[str] | None = None,
+        on_event: Callable[[int, str], None] | None = None,
     ) -> list[Layer]:
         """:meth:`import_layer` for each blob in turn; on a failure the layers this call added
         are removed again (best effort). With ``locked_chains`` (the blobs' chain IDs) the caller
@@ -649,6 +674,8 @@ class LayerStore:
         try:
             for k, spec in enumerate(blobs):
                 below = out[-1].id if out else parent
+                if on_event is not None:
+                    on_event(k, "applying")
                 if locked_chains is not None:
                     with self.db.read() as txn:
                         below_layer = None if below is None else self._resolve(txn, below)
@@ -672,6 +699,8 @@ class LayerStore:
                         limits=limits,
                     )
                 out.append(layer)
+                if on_event is not None:
+                    on_event(k, "applied")
         except BaseException:
             for layer in reversed(out):
                 if layer.id not in before:
@@ -683,9 +712,18 @@ class LayerStore:
         return out
 
     def _build_stack(
-        self, blobs: list[LayerBlob], chains: list[str], below: Layer | None, limits: Limits, workers: int
+        self,
+        blobs: list[LayerBlob],
+        chains: list[str],
+        below: Layer | None,
+        limits: Limits,
+        workers: int,
+        *,
+        on_event: Callable[[int, str], None] | None = None,
     ) -> list[Layer]:
         """:meth:`import_layers` once the chain locks are held and nothing of ``blobs`` is stored."""
+        from graphdriver.archive.apply import LowerLayersNeeded
+
         ids = [new_layer_id() for _ in blobs]
         parents = [None if below is None else below.id, *ids[:-1]]
         locks = [self.locks.layer(i) for i in ids]
@@ -707,13 +745,30 @@ class LayerStore:
                 for layer_id, parent_id in zip(ids, parents, strict=True):
                     self.driver.create(layer_id, parent_id)
                 alone = self.driver.applies_alone  # type: ignore[attr-defined]
+                outcome: list[_Applied | BaseException]
                 if all(alone(i, p) for i, p in zip(ids, parents, strict=True)):
-                    applied = self._apply_in_workers(blobs, ids, parents, limits, workers)
+                    outcome = self._apply_in_workers(blobs, ids, parents, limits, workers, on_event=on_event)
                 else:
-                    applied = [
-                        self._apply_here(spec, i, p, limits, measure=False)
-                        for spec, i, p in zip(blobs, ids, parents, strict=True)
-                    ]
+                    outcome = []
+                    for k, (spec, i, p) in enumerate(zip(blobs, ids, parents, strict=True)):
+                        if on_event is not None:
+                            on_event(k, "applying")
+                        try:
+                            outcome.append(self._apply_here(spec, i, p, limits, measure=False))
+                        except LowerLayersNeeded as exc:
+                            outcome.append(exc)
+                            continue
+                        if on_event is not None:
+                            on_event(k, "applied")
+                again = next((k for k, got in enumerate(outcome) if isinstance(got, LowerLayersNeeded)), None)
+                if again is not None:
+                    outcome[again:] = self._apply_again(
+                        blobs, ids, parents, limits, first=again, on_event=on_event
+                    )
+                applied: list[_Applied] = []
+                for got in outcome:
+                    assert isinstance(got, _Applied)
+                    applied.append(got)
                 for spec, got in zip(blobs, applied, strict=True):
                     if got.diff_id != spec.diff_id:
                         raise DigestMismatch(
@@ -754,6 +809,48 @@ class LayerStore:
             for lock in locks:
                 lock.release(unlink=True)
 
+    def _apply_again(
+        self,
+        blobs: list[LayerBlob],
+        ids: list[str],
+        parents: list[str | None],
+        limits: Limits,
+        *,
+        first: int,
+        on_event: Callable[[int, str], None] | None,
+    ) -> list[_Applied]:
+        """Apply ``blobs[first:]`` again, one after the other with ``apply_diff``, now that the
+        layers below ``first`` are complete (their records stay incomplete, their locks held).
+
+        Layer ``first`` needed its lower layers while it was applied on its own. Its directory is
+        made anew (``remove`` + ``create`` with the same id and parent); so are the layers above
+        it, whose driver data names their parent's (overlay2's ``lower`` lists its link)."""
+        for j in reversed(range(first, len(ids))):
+            if self.driver.exists(ids[j]):
+                self.driver.remove(ids[j])
+            self.tarsplit_path(ids[j]).unlink(missing_ok=True)
+        for j in range(first, len(ids)):
+            self.driver.create(ids[j], parents[j])
+        out: list[_Applied] = []
+        for j in range(first, len(ids)):
+            spec = blobs[j]
+            if spec.reopen is not None:
+                blob = spec.reopen()
+            else:
+                spec.blob.seek(0)
+                blob = spec.blob
+            if on_event is not None:
+                on_event(j, "applying")
+            try:
+                again = dataclasses.replace(spec, blob=blob)
+                out.append(self._apply_here(again, ids[j], parents[j], limits, measure=True))
+            finally:
+                if spec.reopen is not None:
+                    blob.close()
+            if on_event is not None:
+                on_event(j, "applied")
+        return out
+
     def _apply_here(
         self, spec: LayerBlob, layer_id: str, parent_id: str | None, limits: Limits, *, measure: bool
     ) -> _Applied:
@@ -769,10 +866,10 @@ class LayerStore:
                     algorithm(spec.diff_id) if spec.diff_id else "sha256",
                 )
                 if measure:
-                    self.driver.apply_diff(layer_id, parent_id, cast(BinaryIO, tar_digest))
+                    self.driver.apply_diff(layer_id, parent_id, cast(BinaryIO, tar_digest), limits=limits)
                 else:
                     self.driver.apply_unmeasured(  # type: ignore[attr-defined]
-                        layer_id, parent_id, cast(BinaryIO, tar_digest)
+                        layer_id, parent_id, cast(BinaryIO, tar_digest), limits=limits
                     )
                 drain(cast(BinaryIO, tar_digest))
             drain(cast(BinaryIO, compressed))
@@ -782,17 +879,40 @@ class LayerStore:
         )
 
     def _apply_in_workers(
-        self, blobs: list[LayerBlob], ids: list[str], parents: list[str | None], limits: Limits, workers: int
-    ) -> list[_Applied]:
+        self,
+        blobs: list[LayerBlob],
+        ids: list[str],
+        parents: list[str | None],
+        limits: Limits,
+        workers: int,
+        *,
+        on_event: Callable[[int, str], None] | None = None,
+    ) -> list[_Applied | BaseException]:
         """Apply each blob in a forked process of its own, at most ``workers`` at a time. A worker
         touches only its layer's directory and tar-split file (never the database) and sends back
-        its :class:`_Applied` or its exception, pickled; the first failure (bottom-up) is raised
-        once every worker has ended."""
+        its :class:`_Applied` or its exception, pickled. A layer that needs its lower layers
+        (:class:`~graphdriver.archive.apply.LowerLayersNeeded`) comes back as that exception, for
+        the caller to apply again; any other failure stops the workers still running and the
+        first such failure (bottom-up) is raised once every worker has ended.
+
+        This process may have threads (a pull's downloads): what a worker runs is imported here
+        first, and a worker does only file I/O, decompression, digests and the apply; it dies
+        with this process (``PR_SET_PDEATHSIG``), so a killed import leaves no writer behind."""
         import pickle
+        import signal
+
+        import zstandard  # noqa: F401 - imported before forking: the workers write tar-splits
+
+        import graphdriver.archive.apply
+        import graphdriver.archive.compression  # noqa: F401
+        from graphdriver.archive.apply import LowerLayersNeeded
 
         results: dict[int, Any] = {}
         running: dict[int, tuple[int, int]] = {}  # pid -> (index, read fd)
+        killed: set[int] = set()
         pending = list(range(len(blobs)))
+        me = os.getpid()
+        libc = _libc()
 
         def reap() -> None:
             pid, _ = os.wait()
@@ -803,6 +923,14 @@ class LayerStore:
                 results[index] = pickle.loads(data) if data else OSError(f"layer worker {pid} died")
             except Exception as exc:  # an exception that does not unpickle
                 results[index] = GraphDriverError(f"layer worker failed: {exc}")
+            got = results[index]
+            if isinstance(got, BaseException) and not isinstance(got, LowerLayersNeeded):
+                pending.clear()
+                for other, (k, _fd) in running.items():
+                    killed.add(k)
+                    os.kill(other, signal.SIGKILL)
+            elif on_event is not None and not isinstance(got, BaseException):
+                on_event(index, "applied")
 
         try:
             while pending or running:
@@ -814,6 +942,9 @@ class LayerStore:
                         os.close(rfd)
                         code = 0
                         try:
+                            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+                            if os.getppid() != me:
+                                os._exit(1)
                             out: Any = self._apply_here(
                                 blobs[index], ids[index], parents[index], limits, measure=False
                             )
@@ -829,24 +960,45 @@ class LayerStore:
                             os._exit(code)
                     os.close(wfd)
                     running[pid] = (index, rfd)
+                    if on_event is not None:
+                        on_event(index, "applying")
                 reap()
+        except BaseException:  # interrupted (Ctrl-C) or failed here: the workers' work is lost
+            for other, (k, _fd) in running.items():
+                killed.add(k)
+                os.kill(other, signal.SIGKILL)
+            raise
         finally:
             while running:
                 reap()
-        for index in range(len(blobs)):
-            if isinstance(results[index], BaseException):
-                raise results[index]
+        failures = [k for k in sorted(results) if isinstance(results[k], BaseException)]
+        for k in failures:
+            if k not in killed and not isinstance(results[k], LowerLayersNeeded):
+                raise results[k]
+        for k in failures:
+            if not isinstance(results[k], LowerLayersNeeded):
+                raise results[k]
         return [results[i] for i in range(len(blobs))]
 
     def _discard(self, layer_id: str) -> None:
-        """Undo a failed build (best effort: whatever is left is recovery's)."""
+        """Undo a failed build whose lock this process holds: its data first, then its record.
+
+        The data goes first because the failure may be a full disk: the partial layer holds the
+        space the metadata write needs. Meanwhile the record stays ``incomplete``, which every
+        reader skips and recovery removes like ``removing``. Best effort: whatever an error here
+        leaves (a busy mount, an I/O error) is the next open's recovery's.
+        """
+        try:
+            if self.driver.exists(layer_id):
+                self.driver.remove(layer_id)
+            self.tarsplit_path(layer_id).unlink(missing_ok=True)
+        except (OSError, GraphDriverError):
+            pass
         try:
             with self.write() as txn:
-                if txn.get(layer_id) is None:
-                    return
-                txn.set_state(layer_id, LayerState.REMOVING)
-            self.finish_removal(layer_id)
-        except Exception:
+                if txn.get(layer_id) is not None:
+                    txn.delete(layer_id)
+        except (OSError, GraphDriverError):
             pass
 
     # -- container (and empty) layers -------------------------------------------------------------

@@ -8,10 +8,16 @@
     download  up to ``parallel`` blobs at once, each into a spool file in the store's staging
               area, hashed and counted as it arrives (never more than the descriptor's size);
               a dropped connection resumes with ``Range: bytes=N-``
-    apply     parents first, one layer at a time, with LayerStore.import_layer reading the spool
-              file *while it is written* (``stream_apply``): the first layer applies as it
-              downloads, the later ones spool meanwhile; the store checks the blob digest and size
-              and the diff ID again, so a bad byte or a short blob stores nothing
+    apply     parallel (``parallel_apply``; by default where the driver applies each layer into
+              its own directory, the overlay family): every missing layer at once, each in a
+              forked worker of LayerStore.import_layers that reads its spool file *while it is
+              written* and applies it into the layer's own directory; then measured, synced
+              once, committed bottom-up. A layer that needs its lower layers' content while it is
+              applied is applied again from its spool file once they are complete.
+              One by one otherwise: parents first, LayerStore.import_layer reading the spool file
+              while it is written (``stream_apply``): the first layer applies as it downloads,
+              the later ones spool meanwhile. Either way the store checks the blob digest and
+              size and the diff ID again, so a bad byte or a short blob stores nothing
     record    the image: config, top layer, manifest, the reference as its name
               (graphdriver.images.importer.record_image, as an OCI layout import does)
 
@@ -75,6 +81,10 @@ class PullOptions:
     """blobs downloaded at once"""
     stream_apply: bool = True
     """apply a layer while it downloads; False: download every blob first, then apply"""
+    parallel_apply: bool | None = None
+    """apply the missing layers at the same time in forked workers (LayerStore.import_layers);
+    None: where the driver applies each layer into its own directory (overlay2's
+    ``applies_alone``); False: one layer after the other"""
     retry: RetryPolicy | None = None
     timeout: httpx.Timeout | float | None = None
     auth_file: str | None = None
@@ -175,6 +185,8 @@ class _Spool:
 
     def __init__(self, path: Path, desc: Descriptor) -> None:
         self.path = path
+        self.failed_path = path.with_name(path.name + ".failed")
+        """made when the download fails: how a reader in another process learns it"""
         self.desc = desc
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._cond = threading.Condition()
@@ -193,6 +205,11 @@ class _Spool:
             self._cond.notify_all()
 
     def finish(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            try:
+                os.close(os.open(self.failed_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            except OSError:
+                pass  # the staging area is gone: nobody reads any more
         with self._cond:
             if not self.done:
                 os.close(self._fd)
@@ -217,8 +234,13 @@ class _Spool:
         raw = _SpoolReader(self, on_first_read)
         return cast(BinaryIO, io.BufferedReader(raw, buffer_size=1 << 20))
 
+    def follower(self) -> BinaryIO:
+        """A reader that needs nothing of this process's threads: for a forked worker."""
+        return cast(BinaryIO, io.BufferedReader(_FollowReader(self), buffer_size=1 << 20))
+
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        self.failed_path.unlink(missing_ok=True)
 
 
 class _SpoolReader(io.RawIOBase):
@@ -244,6 +266,46 @@ class _SpoolReader(io.RawIOBase):
         view[: len(data)] = data
         self._pos += len(data)
         return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+class _FollowReader(io.RawIOBase):
+    """Reads a spool file up to the blob's size while a download thread writes it, also from a
+    forked process (where that thread and the spool's condition do not exist): at the end of what
+    is there it polls the file, and raises once the spool's failure marker appears."""
+
+    _MAX_WAIT = 0.02
+
+    def __init__(self, spool: _Spool) -> None:
+        super().__init__()
+        self._fd = os.open(spool.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._size = spool.desc.size
+        self._digest = spool.desc.digest
+        self._failed = spool.failed_path
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        want = min(len(view), self._size - self._pos)
+        if want <= 0:
+            return 0
+        wait = 0.0005
+        while True:
+            n = os.preadv(self._fd, [view[:want]], self._pos)
+            if n:
+                self._pos += n
+                return n
+            if self._failed.exists():
+                raise CorruptStream(f"blob {self._digest}: its download failed at byte {self._pos}")
+            time.sleep(wait)
+            wait = min(wait * 2, self._MAX_WAIT)
 
     def close(self) -> None:
         if not self.closed:
@@ -420,6 +482,26 @@ def _fetch_layers(
                     if s.error is not None:
                         raise s.error
             parent = layers[-1].id if layers else None
+            if _parallel_apply(store, opts, len(todo)):
+                try:
+                    stacked = _apply_stack(
+                        store, spools=spools, descs=descs, diff_ids=diff_ids, todo=todo, parent=parent,
+                        sink=sink,
+                    )
+                except GraphDriverError as exc:
+                    # a worker that read a failed download reports just that: the download's
+                    # own error says what went wrong
+                    downloads.cancel.set()
+                    for s in spools.values():
+                        s.finished.wait()
+                    for i in todo:
+                        err = spools[descs[i].digest].error
+                        if err is not None and err is not exc and not isinstance(err, _Cancelled):
+                            raise err from None
+                    raise
+                created.extend(la.id for la in stacked)
+                layers.extend(stacked)
+                todo = []
             for i in todo:
                 d = descs[i]
                 spool = spools[d.digest]
@@ -439,6 +521,41 @@ def _fetch_layers(
             for s in spools.values():
                 s.finished.wait()
     return layers, list(spools)
+
+
+def _parallel_apply(store: LayerStore, opts: PullOptions, missing: int) -> bool:
+    if missing < 2 or opts.parallel_apply is False:
+        return False
+    return bool(opts.parallel_apply) or callable(getattr(store.driver, "applies_alone", None))
+
+
+def _apply_stack(
+    store: LayerStore,
+    *,
+    spools: dict[str, _Spool],
+    descs: Sequence[Descriptor],
+    diff_ids: Sequence[str],
+    todo: Sequence[int],
+    parent: str | None,
+    sink: Sink,
+) -> list[Layer]:
+    """The missing layers ``todo`` through LayerStore.import_layers, each worker following its
+    spool file as it downloads."""
+    from graphdriver.layers.store import LayerBlob
+
+    def event(k: int, what: str) -> None:
+        d = descs[todo[k]]
+        sink(Event("status", d.digest, what, size=d.size))
+
+    with ExitStack() as stack:
+        blobs = []
+        for i in todo:
+            d = descs[i]
+            spool = spools[d.digest]
+            reader = stack.enter_context(spool.follower())
+            blobs.append(LayerBlob(reader, diff_ids[i], d.digest, d.size, reopen=spool.follower))
+        return store.import_layers(blobs, parent, on_event=event)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _apply(store: LayerStore, spool: _Spool, parent: str | None, diff_id: str, sink: Sink) -> Layer:

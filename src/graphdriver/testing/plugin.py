@@ -41,8 +41,8 @@ from typing import Protocol
 import pytest
 
 from graphdriver.drivers.base import Driver
-from graphdriver.drivers.vfs import filesystem_type
 from graphdriver.fs.remove import mount_points_under, remove_tree
+from graphdriver.fs.statfs import filesystem_type
 
 __all__ = [
     "ENV_TEST_ROOT",

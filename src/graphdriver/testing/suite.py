@@ -640,6 +640,82 @@ class DriverConformance:
             tree_size += entry.size
         assert size == tree_size
 
+    def test_child_tar_through_the_parents_symlinks(self, gd_driver: Driver) -> None:
+        """A child layer tar without entries for its parent directories, whose paths go through
+        the parent's symlinks (a merged /usr: ``lib -> usr/lib``): files, a whiteout and an
+        opaque marker below them, and a hard link to a parent's file. Every driver gives the
+        view of the tar applied onto a copy of the parent (overlay2, which applies natively into
+        the child's own dir, copies the directories up), and the same changes and size."""
+        from io import BytesIO
+
+        from graphdriver.testing.tarbuild import TarBuilder
+
+        d = gd_driver
+        privileged = self.privileged(d)
+        d.create("base", None)
+        with d.mounted("base") as root:
+            for sub in ("usr", "usr/lib", "usr/bin", "usr/share"):
+                (root / sub).mkdir()
+            os.chmod(root / "usr/lib", 0o750)
+            if privileged:
+                os.chown(root / "usr/lib", 5, 6)
+            _write(root / "usr/lib/old", b"old")
+            _write(root / "usr/lib/keep", b"keep")
+            _write(root / "usr/bin/sh", b"sh", 0o755)
+            _write(root / "usr/share/doc", b"doc")
+            for name in ("lib", "bin", "share"):
+                os.symlink(f"usr/{name}", root / name)
+            _set_times(root, 1_600_000_000_123_456_789)
+        d.create("child", "base")
+        tar = (
+            TarBuilder()
+            .file("lib/systemd/unit", b"u")
+            .whiteout("lib/old")
+            .opaque("share")
+            .file("share/new", b"new")
+            .hardlink("bin/sh2", "bin/sh")
+            .build()
+        )
+        assert d.apply_diff("child", "base", BytesIO(tar)) == 6
+        assert d.diff_size("child", "base") == 6
+        assert _names(d.changes("child", "base")) == [
+            "C /usr",
+            "C /usr/bin",
+            "A /usr/bin/sh2",
+            "C /usr/lib",
+            "D /usr/lib/old",
+            "A /usr/lib/systemd",
+            "A /usr/lib/systemd/unit",
+            "C /usr/share",
+            "D /usr/share/doc",
+            "A /usr/share/new",
+        ]
+        with d.mounted("child") as root:
+            snap = snapshot_tree(root)
+        view = {
+            path: (e.type, e.target or (e.sha256 and e.sha256[:8]), e.link_group)
+            for path, e in snap.items()
+            if path != "/"
+        }
+        digest = {data: hashlib.sha256(data).hexdigest()[:8] for data in (b"keep", b"u", b"sh", b"new")}
+        assert view == {
+            "/bin": ("symlink", "usr/bin", None),
+            "/lib": ("symlink", "usr/lib", None),
+            "/share": ("symlink", "usr/share", None),
+            "/usr": ("dir", None, None),
+            "/usr/bin": ("dir", None, None),
+            "/usr/bin/sh": ("file", digest[b"sh"], "/usr/bin/sh"),
+            "/usr/bin/sh2": ("file", digest[b"sh"], "/usr/bin/sh"),
+            "/usr/lib": ("dir", None, None),
+            "/usr/lib/keep": ("file", digest[b"keep"], None),
+            "/usr/lib/systemd": ("dir", None, None),
+            "/usr/lib/systemd/unit": ("file", digest[b"u"], None),
+            "/usr/share": ("dir", None, None),
+            "/usr/share/new": ("file", digest[b"new"], None),
+        }
+        lib = snap["/usr/lib"]
+        assert (lib.mode, lib.uid, lib.gid) == ((0o750, 5, 6) if privileged else (0o750, *_caller()))
+
     # -- depth and breadth ------------------------------------------------------------------------
 
     # 500 layers take 30-60 s on the mounting drivers (a mount per layer, up to 500 lowers)
