@@ -6,7 +6,7 @@ exit status, never a traceback:
 ======================  ============================================================
 usage errors            2 (argparse's convention; the line names the ``--help`` to read)
 GraphDriverError        the class's ``exit_code`` (see :mod:`graphdriver.errors`)
-OSError                 by errno: ENOENT 2, EEXIST 3, EINVAL 4, EBUSY 6, EACCES/EPERM 7, else 1
+OSError                 by errno: ENOENT 3, EEXIST 4, EINVAL 5, EBUSY 7, EACCES/EPERM/EROFS 8, else 1
 KeyboardInterrupt       130
 broken pipe on stdout   141, silently (``graphdriver changes x | head``)
 anything else (a bug)   70, with the traceback only under ``-v``
