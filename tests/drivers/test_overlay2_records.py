@@ -18,7 +18,7 @@ import pytest
 
 from graphdriver import mount as gm
 from graphdriver.drivers.overlay2 import Overlay2Driver
-from graphdriver.errors import NotFound
+from graphdriver.errors import Busy, NotFound
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="overlay2 needs root")
 
@@ -149,3 +149,21 @@ def test_verify_records_reports_then_repairs(driver: Overlay2Driver) -> None:
     assert _records(driver) == before
     assert driver.verify_records("top", ["mid", "base"], repair=False) == []
     _assert_mount_shows_the_stack(driver)
+
+
+def test_reset_empties_the_layer_and_keeps_its_identity(driver: Overlay2Driver) -> None:
+    """reset (LayerStore.import_layers applies a layer again with it): ``diff/`` is as create
+    left it, the records and the ``l/`` link stay, and the layer above still mounts on it."""
+    before = _stack(driver)
+    driver.reset("mid")
+    assert os.listdir(driver.home / "mid" / "diff") == []
+    assert _records(driver) == before
+    with driver.mounted("top") as root:
+        assert sorted(os.listdir(root)) == ["a"]
+    driver.apply_diff("mid", "base", _file_tar("c", b"again\n"))
+    with driver.mounted("top") as root:
+        assert sorted(os.listdir(root)) == ["a", "c"]
+        assert (root / "c").read_bytes() == b"again\n"
+    with driver.mounted("mid"):
+        with pytest.raises(Busy):
+            driver.reset("mid")

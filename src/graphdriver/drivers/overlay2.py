@@ -575,6 +575,22 @@ class Overlay2Driver(Driver):
         if parent_dir is not None:
             (parent_dir / "committed").touch()
 
+    def reset(self, id: str) -> None:
+        """Empty layer ``id``'s ``diff/`` again, as :meth:`create` left it, keeping the layer's
+        identity (its ``l/`` link, ``lower`` and ``parent``): layers created on it stay valid.
+        For an apply that must start over (LayerStore.import_layers, after
+        ``LowerLayersNeeded``). Busy while the layer is mounted."""
+        d = self._require(id)
+        if self._counter.count(id) > 0:
+            raise Busy(f"overlay2: layer {id} is mounted; it cannot be reset")
+        diff = d / "diff"
+        remove_tree(diff)
+        diff.mkdir(mode=0o755)
+        os.chmod(diff, 0o755)
+        parent = self.parent_of(id)
+        if parent is not None:
+            _copy_root_attributes(self._require(parent) / "diff", diff)
+
     def _new_tmp_dir(self) -> Path:
         """A fresh ``.tmp-create-<pid>-<random>/`` (0700) in home (tempfile.mkdtemp costs a
         random generator and path-type checks that the first create of a process pays)."""

@@ -339,7 +339,7 @@ def _import_stack(
         blobs = []
         for i in todo:
             spec = image.layers[i]
-            blob = stack.enter_context(os.fdopen(files._open(spec.name), "rb"))
+            blob = stack.enter_context(files.open(spec.name))
             blobs.append(LayerBlob(blob, image.config.diff_ids[i], spec.digest, sizes[i]))
         layers = store.import_layers(blobs, parent, limits=limits, on_event=event)
     created.extend(la.id for la in layers)

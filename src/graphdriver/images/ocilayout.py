@@ -132,6 +132,11 @@ class DirFiles:
         os.set_blocking(fd, True)
         return fd
 
+    def open(self, name: str) -> BinaryIO:
+        """The file ``name`` of the layout (e.g. ``blobs/sha256/<hex>``), opened for reading
+        without following a symlink; :class:`InvalidArchive` if it is not a regular file."""
+        return cast(BinaryIO, os.fdopen(self._open(name), "rb"))
+
     def size(self, name: str) -> int:
         fd = self._open(name)
         try:

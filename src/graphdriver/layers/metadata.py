@@ -338,9 +338,18 @@ class Txn:
             raise RuntimeError("write in a read-only transaction")
 
     def insert(
-        self, layer_id: str, parent: str | None, kind: LayerKind, *, chain_id: str | None = None
+        self,
+        layer_id: str,
+        parent: str | None,
+        kind: LayerKind,
+        *,
+        chain_id: str | None = None,
+        parent_in_build: bool = False,
     ) -> None:
-        """Record a new ``incomplete`` layer. The parent must exist and be complete."""
+        """Record a new ``incomplete`` layer. The parent must exist and be complete, or with
+        ``parent_in_build`` be an ``incomplete`` layer that the same caller builds (its lock
+        held: a stack imported at once). Recovery removes a crashed stack deepest first by
+        these parent links."""
         self._need_write()
         if self.get(layer_id) is not None:
             raise AlreadyExists(f"layer {layer_id} already exists")
@@ -348,7 +357,8 @@ class Txn:
             raise AlreadyExists(f"{layer_id} is already the name of a layer")
         if parent is not None:
             p = self.get(parent)
-            if p is None or p.state is not LayerState.COMPLETE:
+            wanted = LayerState.INCOMPLETE if parent_in_build else LayerState.COMPLETE
+            if p is None or p.state is not wanted:
                 raise NotFound(f"parent layer {parent} not found")
         self.conn.execute(
             "INSERT INTO layers (id, parent, kind, state, chain_id, created_ns) VALUES (?, ?, ?, ?, ?, ?)",

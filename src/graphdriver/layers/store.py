@@ -732,12 +732,10 @@ class LayerStore:
             for layer_id, lock, parent_id in zip(ids, locks, parents, strict=True):
                 lock.acquire()
                 with self.write() as txn:
-                    # Txn.insert wants a complete parent; this one is still being built by this
-                    # call (incomplete, its lock held), so the parent link is set right after.
-                    # Recovery removes a crashed stack deepest first by these links.
-                    txn.insert(layer_id, None, LayerKind.IMAGE)
-                    if parent_id is not None:
-                        txn.conn.execute("UPDATE layers SET parent = ? WHERE id = ?", (parent_id, layer_id))
+                    # the parent is complete (``below``) or the previous layer of this stack
+                    txn.insert(
+                        layer_id, parent_id, LayerKind.IMAGE, parent_in_build=parent_id in recorded
+                    )
                 recorded.append(layer_id)
             with ExitStack() as stack:
                 if below is not None:
@@ -760,15 +758,15 @@ class LayerStore:
                             continue
                         if on_event is not None:
                             on_event(k, "applied")
-                again = next((k for k, got in enumerate(outcome) if isinstance(got, LowerLayersNeeded)), None)
-                if again is not None:
-                    outcome[again:] = self._apply_again(
-                        blobs, ids, parents, limits, first=again, on_event=on_event
-                    )
+                again = [k for k, got in enumerate(outcome) if isinstance(got, LowerLayersNeeded)]
+                if again:
+                    redone, results = self._apply_again(blobs, ids, parents, limits, again, on_event=on_event)
+                    for k, result in zip(redone, results, strict=True):
+                        outcome[k] = result
                 applied: list[_Applied] = []
-                for got in outcome:
-                    assert isinstance(got, _Applied)
-                    applied.append(got)
+                for done in outcome:
+                    assert isinstance(done, _Applied)
+                    applied.append(done)
                 for spec, got in zip(blobs, applied, strict=True):
                     if got.diff_id != spec.diff_id:
                         raise DigestMismatch(
@@ -815,24 +813,22 @@ class LayerStore:
         ids: list[str],
         parents: list[str | None],
         limits: Limits,
+        needed: list[int],
         *,
-        first: int,
         on_event: Callable[[int, str], None] | None,
-    ) -> list[_Applied]:
-        """Apply ``blobs[first:]`` again, one after the other with ``apply_diff``, now that the
-        layers below ``first`` are complete (their records stay incomplete, their locks held).
-
-        Layer ``first`` needed its lower layers while it was applied on its own. Its directory is
-        made anew (``remove`` + ``create`` with the same id and parent); so are the layers above
-        it, whose driver data names their parent's (overlay2's ``lower`` lists its link)."""
-        for j in reversed(range(first, len(ids))):
-            if self.driver.exists(ids[j]):
-                self.driver.remove(ids[j])
+    ) -> tuple[list[int], list[_Applied]]:
+        """Apply again, bottom-up with ``apply_diff``, the layers ``needed`` that needed their
+        lower layers while they were applied on their own (their records stay incomplete, their
+        locks held); returns those indexes and their results. Each is first emptied with the
+        driver's ``reset`` (overlay2's; the drivers that apply layers on their own have it),
+        which keeps the layer's identity: the layers above it stay as they were applied."""
+        reset = self.driver.reset  # type: ignore[attr-defined]
+        redo = list(needed)
+        for j in redo:
+            reset(ids[j])
             self.tarsplit_path(ids[j]).unlink(missing_ok=True)
-        for j in range(first, len(ids)):
-            self.driver.create(ids[j], parents[j])
         out: list[_Applied] = []
-        for j in range(first, len(ids)):
+        for j in redo:
             spec = blobs[j]
             if spec.reopen is not None:
                 blob = spec.reopen()
@@ -849,7 +845,7 @@ class LayerStore:
                     blob.close()
             if on_event is not None:
                 on_event(j, "applied")
-        return out
+        return redo, out
 
     def _apply_here(
         self, spec: LayerBlob, layer_id: str, parent_id: str | None, limits: Limits, *, measure: bool
