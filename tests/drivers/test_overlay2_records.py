@@ -164,6 +164,5 @@ def test_reset_empties_the_layer_and_keeps_its_identity(driver: Overlay2Driver) 
     with driver.mounted("top") as root:
         assert sorted(os.listdir(root)) == ["a", "c"]
         assert (root / "c").read_bytes() == b"again\n"
-    with driver.mounted("mid"):
-        with pytest.raises(Busy):
-            driver.reset("mid")
+    with driver.mounted("mid"), pytest.raises(Busy):
+        driver.reset("mid")
