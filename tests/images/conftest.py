@@ -11,8 +11,6 @@ the ``ikit`` fixture.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -27,17 +25,16 @@ import pytest
 from graphdriver.images.imagestore import ImageStore
 from graphdriver.images.manifests import host_platform
 from graphdriver.layers import chain_ids
+from graphdriver.testing.blobs import MEDIA_TYPES, Blob, blob, gnu_tar, library_tar, sha256
 from graphdriver.testing.storestate import driver_unsupported, release_mounts, require_driver
-from graphdriver.testing.tarbuild import TarBuilder, compress
+from graphdriver.testing.tarbuild import TarBuilder
 from graphdriver.testing.trees import make_sample_tree
 
 DRIVERS = ("vfs", "overlay2")
 T0 = 1_700_000_000
-MEDIA = {
-    "none": "application/vnd.oci.image.layer.v1.tar",
-    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
-}
+MEDIA = MEDIA_TYPES
+LayerBlob = Blob
+layer = blob
 
 @pytest.fixture(params=DRIVERS)
 def driver_name(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -61,40 +58,6 @@ def images(store_root: Path, driver_name: str) -> Iterator[ImageStore]:
 
 
 # -- layers and images ---------------------------------------------------------------------------
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@dataclass(frozen=True)
-class LayerBlob:
-    tar: bytes
-    compression: str
-    data: bytes
-
-    @property
-    def digest(self) -> str:
-        return sha256(self.data)
-
-    @property
-    def diff_id(self) -> str:
-        return sha256(self.tar)
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    @property
-    def media_type(self) -> str:
-        return MEDIA[self.compression]
-
-    def descriptor(self) -> dict[str, Any]:
-        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-
-
-def layer(tar: bytes, compression: str = "none") -> LayerBlob:
-    return LayerBlob(tar, compression, compress(tar, compression))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -160,35 +123,6 @@ def make_image(layers: Sequence[LayerBlob], **config_kw: Any) -> TestImage:
         indent=1,
     ).encode()
     return TestImage(list(layers), config, manifest)
-
-
-def gnu_tar(src: Path) -> bytes:
-    """``src``'s content as GNU tar writes it (pax format, numeric owners, xattrs, sorted)."""
-    return subprocess.run(
-        [
-            "tar",
-            "--format=pax",
-            "--numeric-owner",
-            "--xattrs",
-            "--xattrs-include=*",
-            "--sort=name",
-            "-C",
-            str(src),
-            "-cf",
-            "-",
-            ".",
-        ],
-        check=True,
-        capture_output=True,
-    ).stdout
-
-
-def library_tar(src: Path) -> bytes:
-    from graphdriver.archive.export import tar_tree
-
-    out = io.BytesIO()
-    tar_tree(src, out)
-    return out.getvalue()
 
 
 def base_tar(scratch: Path) -> bytes:

@@ -9,19 +9,17 @@ through the ``kit`` fixture.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from graphdriver.layers.store import LayerStore
+from graphdriver.testing.blobs import Blob, blob, gnu_tar, library_tar, sha256
 from graphdriver.testing.storestate import driver_unsupported, release_mounts, require_driver
-from graphdriver.testing.tarbuild import compress
 
 DRIVERS = ("vfs", "overlay2")
 WORKER = Path(__file__).with_name("layer_worker.py")
@@ -54,71 +52,6 @@ def store(store_root: Path, driver_name: str) -> Iterator[LayerStore]:
 
 
 # -- layer blobs ---------------------------------------------------------------------------------
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@dataclass(frozen=True)
-class Blob:
-    """A layer as a registry would hand it out: the blob and its descriptor, plus the diff ID."""
-
-    data: bytes
-    tar: bytes
-    compression: str
-
-    @property
-    def digest(self) -> str:
-        return sha256(self.data)
-
-    @property
-    def diff_id(self) -> str:
-        return sha256(self.tar)
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    def write(self, path: Path) -> Path:
-        path.write_bytes(self.data)
-        return path
-
-
-def blob(tar: bytes, compression: str = "none") -> Blob:
-    return Blob(compress(tar, compression), tar, compression)  # type: ignore[arg-type]
-
-
-def gnu_tar(src: Path) -> bytes:
-    """``src``'s content as GNU tar writes it (pax format, numeric owners, xattrs, sorted)."""
-    return subprocess.run(
-        [
-            "tar",
-            "--format=pax",
-            "--numeric-owner",
-            "--xattrs",
-            "--xattrs-include=*",
-            "--sort=name",
-            "-C",
-            str(src),
-            "-cf",
-            "-",
-            ".",
-        ],
-        check=True,
-        capture_output=True,
-    ).stdout
-
-
-def library_tar(src: Path) -> bytes:
-    """``src``'s content as the library exports a whole tree (deterministic)."""
-    import io
-
-    from graphdriver.archive.export import tar_tree
-
-    out = io.BytesIO()
-    tar_tree(src, out)
-    return out.getvalue()
 
 
 def run_worker(

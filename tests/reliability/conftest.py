@@ -17,13 +17,13 @@ under ``--import-mode=importlib``):
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from graphdriver.testing.blobs import Blob, blob, sha256
 from graphdriver.testing.sentinel import Sentinel
 from graphdriver.testing.storestate import (
     assert_only_layer_added,
@@ -34,7 +34,6 @@ from graphdriver.testing.storestate import (
     require_driver,
     store_files,
 )
-from graphdriver.testing.tarbuild import compress
 
 DRIVERS = ("vfs", "overlay2")
 
@@ -69,34 +68,6 @@ def arena(tmp_path: Path) -> Iterator[Arena]:
 
 
 # -- blobs ---------------------------------------------------------------------------------------
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@dataclass(frozen=True)
-class Blob:
-    """A layer as a registry hands it out: the blob and its descriptor, plus the diff ID."""
-
-    data: bytes
-    tar: bytes
-
-    @property
-    def digest(self) -> str:
-        return sha256(self.data)
-
-    @property
-    def diff_id(self) -> str:
-        return sha256(self.tar)
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-
-def blob(tar: bytes, compression: str = "none") -> Blob:
-    return Blob(compress(tar, compression), tar)  # type: ignore[arg-type]
 
 
 class Kit:
