@@ -13,6 +13,8 @@ import io
 import itertools
 import json
 import os
+import select
+import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,24 @@ class Kit:
         self.tmp = tmp_path
         self._factory = tmp_path_factory
         self._stores: list[LayerStore] = []
+
+    @staticmethod
+    def events_until(proc: subprocess.Popen[bytes], done: Any) -> list[dict[str, Any]]:
+        """The JSON progress events a ``pull`` subprocess prints (``--json``/JsonLines sink),
+        read until ``done(events)`` holds; fails when the process goes quiet for 2 minutes or
+        ends first."""
+        assert proc.stdout is not None
+        seen: list[dict[str, Any]] = []
+        buf = b""
+        while not done(seen):
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready, f"no progress from the pull; events so far: {seen}"
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, f"the pull ended early ({proc.wait()}); events: {seen}"
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            seen.extend(json.loads(line) for line in lines if line)
+        return seen
 
     def repo(self, prefix: str = "t") -> str:
         """A repository name no other test of the session uses."""

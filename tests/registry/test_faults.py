@@ -9,9 +9,7 @@ transient fault must be retried into a success.
 from __future__ import annotations
 
 import io
-import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -231,21 +229,6 @@ with LayerStore.open(sys.argv[1], "vfs") as store:
 """
 
 
-def _events_until(proc: subprocess.Popen[bytes], done: Any) -> list[dict[str, Any]]:
-    assert proc.stdout is not None
-    seen: list[dict[str, Any]] = []
-    buf = b""
-    while not done(seen):
-        ready, _, _ = select.select([proc.stdout], [], [], 120)
-        assert ready, f"no progress from the pull; events so far: {seen}"
-        chunk = os.read(proc.stdout.fileno(), 65536)
-        assert chunk, f"the pull ended early ({proc.wait()}); events: {seen}"
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        seen.extend(json.loads(line) for line in lines if line)
-    return seen
-
-
 def test_killed_pull_leaves_a_consistent_store_and_the_next_pull_starts_clean(
     kit: Any, registry: RegistryServer, proxy: FaultProxy
 ) -> None:
@@ -264,7 +247,7 @@ def test_killed_pull_leaves_a_consistent_store_and_the_next_pull_starts_clean(
             moving = any(e.get("digest") == second and (e.get("current") or 0) > 0 for e in events)
             return applied and started and moving
 
-        _events_until(proc, mid_download)
+        kit.events_until(proc, mid_download)
         with LayerStore.open(root, "vfs", recover=False) as peek, peek.db.read() as txn:
             states = dict(txn.conn.execute("SELECT state, count(*) FROM layers GROUP BY state").fetchall())
         assert states == {"complete": 1, "incomplete": 1}

@@ -224,21 +224,6 @@ with LayerStore.open(sys.argv[1], "overlay2") as store:
 """
 
 
-def _events_until(proc: subprocess.Popen[bytes], done: Any) -> list[dict[str, Any]]:
-    assert proc.stdout is not None
-    seen: list[dict[str, Any]] = []
-    buf = b""
-    while not done(seen):
-        ready, _, _ = select.select([proc.stdout], [], [], 120)
-        assert ready, f"no progress from the pull; events so far: {seen}"
-        chunk = os.read(proc.stdout.fileno(), 65536)
-        assert chunk, f"the pull ended early ({proc.wait()}); events: {seen}"
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        seen.extend(json.loads(line) for line in lines if line)
-    return seen
-
-
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     for task in os.listdir(f"/proc/{pid}/task"):
@@ -271,7 +256,7 @@ def test_killed_parallel_pull_leaves_a_store_the_next_open_cleans(
 
             return has(digests[0], "applied") and has(stalled, "applying") and has(digests[2], "downloaded")
 
-        _events_until(proc, mid_apply)
+        kit.events_until(proc, mid_apply)
         with LayerStore.open(root, "overlay2", recover=False) as peek, peek.db.read() as txn:
             states = dict(txn.conn.execute("SELECT state, count(*) FROM layers GROUP BY state").fetchall())
         assert states == {"incomplete": 3}  # the stack is recorded before its workers start
