@@ -357,17 +357,9 @@ def _unwrap(data: bytes) -> tuple[str, bytes] | None:
 
 
 def _wrap(codec: str, tar: bytes) -> bytes:
-    if codec == "gzip":
-        return gzip.compress(tar, mtime=0)
-    if codec == "zstd":
-        import zstandard
+    from graphdriver.testing.tarbuild import compress
 
-        return bytes(zstandard.ZstdCompressor(write_checksum=True).compress(tar))
-    if codec == "bzip2":
-        return bz2.compress(tar)
-    if codec == "xz":
-        return lzma.compress(tar)
-    return tar
+    return compress(tar, codec)  # type: ignore[arg-type]  # one of _codec's names
 
 
 def mutate_bytes(data: bytes, rng: random.Random) -> bytes:

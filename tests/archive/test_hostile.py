@@ -36,6 +36,7 @@ from graphdriver.errors import (
     LimitExceeded,
 )
 from graphdriver.fs.inroot import force_fallback, open_in_root, openat2_available
+from graphdriver.testing import tarbuild
 from graphdriver.testing.tarbuild import TarBuilder, compress, describe_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="hostile-layer tests run as root, like the store")
@@ -92,22 +93,7 @@ def no_host_tmp_file(dest: Path, base: Path) -> None:
 
 def realpath_limit_attack(base: Path) -> list[bytes]:
     """CPython test_realpath_limit_attack (CVE-2025-4517), aimed at base/victim/hello."""
-    dest = base / "dest"
-    steps = "abcdefghijklmnop"
-    component = "d" * ((os.pathconf(base, "PC_PATH_MAX") - len(str(dest)) - 1) // (len(steps) + 1))
-    b = TarBuilder()
-    path = ""
-    for step in steps:
-        b.dir(os.path.join(path, component), mode=0o777)
-        b.symlink(os.path.join(path, step), component)
-        path = os.path.join(path, component)
-    linkpath = os.path.join(*steps, "l" * 254)
-    b.symlink(linkpath, os.path.join(*[".."] * len(steps)))
-    b.symlink("escape", os.path.join(linkpath, ".."))
-    b.hardlink("flaglink", "escape/victim/hello")
-    b.file("flaglink", b"overwrite")
-    b.file("escape/newfile", b"new")
-    return [b.build()]
+    return [tarbuild.realpath_limit_attack(os.pathconf(base, "PC_PATH_MAX"), len(str(base / "dest")))]
 
 
 def gzip_members(base: Path) -> list[bytes]:

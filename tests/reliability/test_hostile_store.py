@@ -46,6 +46,7 @@ from graphdriver.errors import (
     LimitExceeded,
 )
 from graphdriver.layers.store import LayerStore
+from graphdriver.testing import tarbuild
 from graphdriver.testing.tarbuild import TarBuilder, compress, describe_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="hostile-layer store tests run as root")
@@ -109,21 +110,7 @@ def tar(b: TarBuilder) -> Callable[[Ctx], bytes]:
 
 def realpath_limit_attack(ctx: Ctx) -> bytes:
     """CPython test_realpath_limit_attack (CVE-2025-4517) sized for this store's layer paths."""
-    steps = "abcdefghijklmnop"
-    component = "d" * ((os.pathconf(ctx.base, "PC_PATH_MAX") - ctx.layer_root_len - 1) // (len(steps) + 1))
-    b = TarBuilder()
-    path = ""
-    for step in steps:
-        b.dir(os.path.join(path, component), mode=0o777)
-        b.symlink(os.path.join(path, step), component)
-        path = os.path.join(path, component)
-    linkpath = os.path.join(*steps, "l" * 254)
-    b.symlink(linkpath, os.path.join(*[".."] * len(steps)))
-    b.symlink("escape", os.path.join(linkpath, ".."))
-    b.hardlink("flaglink", "escape/victim/hello")
-    b.file("flaglink", b"overwrite")
-    b.file("escape/newfile", b"new")
-    return b.build()
+    return tarbuild.realpath_limit_attack(os.pathconf(ctx.base, "PC_PATH_MAX"), ctx.layer_root_len)
 
 
 def mangled(data: bytes, offset: int) -> bytes:

