@@ -121,3 +121,25 @@ def test_import_layers_corrupt_blob_raises_its_error(store: LayerStore, kit: Any
     with pytest.raises(CorruptStream):
         store.import_layers(specs, workers=3)
     assert store.layers() == []
+
+
+def test_import_layers_without_native_diff_applies_one_by_one(
+    mounting_driver: str, tmp_path: Path, kit: Any
+) -> None:
+    """overlay2 with ``native_diff=false`` applies nothing on its own (``applies_alone`` is
+    false for a child): the stack is applied bottom-up with ``apply_diff``, equal to import_layer."""
+    blobs = _stack(kit)
+    opts = {"native_diff": "false"}
+    try:
+        with LayerStore.open(tmp_path / "one-by-one", mounting_driver, opts) as ref:
+            parent = None
+            for b in blobs:
+                parent = ref.import_layer(io.BytesIO(b.data), parent, expected_diff_id=b.diff_id).id
+            want = _summary(ref)
+        with LayerStore.open(tmp_path / "stack", mounting_driver, opts) as store:
+            layers = store.import_layers(_specs(blobs), workers=3)
+            assert [la.diff_id for la in layers] == [b.diff_id for b in blobs]
+            assert _summary(store) == want
+            assert store.check().problems == []
+    finally:
+        kit.release_mounts(tmp_path)

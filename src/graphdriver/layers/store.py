@@ -153,6 +153,10 @@ class LayerBlob:
     once its lower layers are complete (None: ``blob.seek(0)``)"""
 
 
+class _OneByOne(Exception):
+    """Inside LayerStore._build_stack: the driver cannot apply these layers on their own."""
+
+
 @dataclass(frozen=True)
 class _Applied:
     """What a worker of :meth:`LayerStore.import_layers` measured while applying one blob."""
@@ -744,20 +748,9 @@ class LayerStore:
                     self.driver.create(layer_id, parent_id)
                 alone = self.driver.applies_alone  # type: ignore[attr-defined]
                 outcome: list[_Applied | BaseException]
-                if all(alone(i, p) for i, p in zip(ids, parents, strict=True)):
-                    outcome = self._apply_in_workers(blobs, ids, parents, limits, workers, on_event=on_event)
-                else:
-                    outcome = []
-                    for k, (spec, i, p) in enumerate(zip(blobs, ids, parents, strict=True)):
-                        if on_event is not None:
-                            on_event(k, "applying")
-                        try:
-                            outcome.append(self._apply_here(spec, i, p, limits, measure=False))
-                        except LowerLayersNeeded as exc:
-                            outcome.append(exc)
-                            continue
-                        if on_event is not None:
-                            on_event(k, "applied")
+                if not all(alone(i, p) for i, p in zip(ids, parents, strict=True)):
+                    raise _OneByOne  # e.g. no native diff here
+                outcome = self._apply_in_workers(blobs, ids, parents, limits, workers, on_event=on_event)
                 again = [k for k, got in enumerate(outcome) if isinstance(got, LowerLayersNeeded)]
                 if again:
                     redone, results = self._apply_again(blobs, ids, parents, limits, again, on_event=on_event)
@@ -799,6 +792,9 @@ class LayerStore:
                             uncompressed_size=got.uncompressed_size,
                         )
             return [self.get(i) for i in ids]
+        except _OneByOne:
+            for layer_id in reversed(recorded):
+                self._discard(layer_id)  # created, nothing applied yet
         except BaseException:
             for layer_id in reversed(recorded):
                 self._discard(layer_id)
@@ -806,6 +802,10 @@ class LayerStore:
         finally:
             for lock in locks:
                 lock.release(unlink=True)
+        # Each layer needs its parent complete, and a child's create makes its parent's mounts
+        # read-only (overlay2's ``committed``): create and apply one after the other instead.
+        below_id = None if below is None else below.id
+        return self._import_one_by_one(blobs, below_id, limits, locked_chains=chains, on_event=on_event)
 
     def _apply_again(
         self,
